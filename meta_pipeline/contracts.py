@@ -1,0 +1,691 @@
+"""The data contract: table schemas (SQLAlchemy Core) and input validation.
+
+Every table another program relies on is declared here, once. Input files are
+validated here too, as pure functions from a raw DataFrame to clean frames plus a
+quarantine frame, so the CLI and the inbox sensor share one path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+from meta_pipeline.knobs import KNOB_NAMES
+
+# ---------------------------------------------------------------------------
+# Domain names
+# ---------------------------------------------------------------------------
+
+DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ContractError(ValueError):
+    """Input that breaks the data contract as a whole (not a single bad row)."""
+
+
+def validate_domain(name: object) -> str:
+    """Return the domain name unchanged, or raise ContractError saying why not.
+
+    Called before a name reaches SQL, a path or a partition key.
+    """
+    if not isinstance(name, str) or not DOMAIN_RE.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 70 else repr(name[:67] + "...")
+        raise ContractError(
+            f"invalid domain name {shown}: must match {DOMAIN_RE.pattern} "
+            "(lowercase letters, digits, '_' and '-', 1-63 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------
+
+metadata = MetaData()
+D = lambda: Column("domain", String(63), nullable=False)  # noqa: E731 - one column factory
+
+# -- source tables ----------------------------------------------------------
+trades = Table(
+    "trades",
+    metadata,
+    D(),
+    Column("trade_id", String(200), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=False),
+    Column("regime", String(100), nullable=False),
+    Column("strategy_id", String(200), nullable=False),
+    Column("return_r", Float, nullable=False),
+    Column("source_file", Text),
+    Column("ingested_at", DateTime(timezone=True)),
+    Index("ix_trades_domain_trade", "domain", "trade_id", unique=True),
+    Index("ix_trades_domain_closed", "domain", "closed_at"),
+)
+trade_patterns = Table(
+    "trade_patterns",
+    metadata,
+    D(),
+    Column("trade_id", String(200), nullable=False),
+    Column("pattern", String(200), nullable=False),
+    Index("ix_trade_patterns_domain_trade", "domain", "trade_id"),
+)
+trade_scope = Table(
+    "trade_scope",
+    metadata,
+    D(),
+    Column("trade_id", String(200), nullable=False),
+    Column("key", String(100), nullable=False),
+    Column("value", String(200), nullable=False),
+    Index("ix_trade_scope_domain_trade", "domain", "trade_id"),
+)
+trade_metrics = Table(
+    "trade_metrics",
+    metadata,
+    D(),
+    Column("trade_id", String(200), nullable=False),
+    Column("metric", String(100), nullable=False),
+    Column("value", Float, nullable=False),
+    Index("ix_trade_metrics_domain_trade", "domain", "trade_id"),
+)
+telemetry = Table(
+    "telemetry",
+    metadata,
+    D(),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("gain_p50", Float, nullable=False),
+    Column("stability_mean", Float, nullable=False),
+    Column("vram_utilization", Float, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    *[Column(f"knob_{name}", Float) for name in KNOB_NAMES],
+    Column("source_file", Text),
+    Column("ingested_at", DateTime(timezone=True)),
+    Index("ix_telemetry_domain_ts", "domain", "ts", unique=True),
+)
+backtest_runs = Table(
+    "backtest_runs",
+    metadata,
+    Column("run_id", String(200), primary_key=True),
+    D(),
+    Column("strategy_id", String(200), nullable=False),
+    Column("regime", String(100)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("metrics_json", Text, nullable=False),
+    Index("ix_backtest_domain", "domain"),
+)
+configs = Table(
+    "configs",
+    metadata,
+    Column("target_type", String(50), nullable=False),
+    Column("target_id", String(300), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("config_json", Text, nullable=False),
+    Column("active", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True)),
+    Column("created_by", String(200)),
+    Column("proposal_id", String(100)),
+    Index("ix_configs_target_version", "target_type", "target_id", "version", unique=True),
+)
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("domain", String(300)),  # raw, may be the invalid name that caused the row
+    Column("kind", String(20), nullable=False),  # trades | telemetry
+    Column("source_file", Text, nullable=False),
+    Column("line", Integer, nullable=False),  # 1-based line in the file; 0 = whole file
+    Column("reason", Text, nullable=False),
+    Column("raw_json", Text),
+    Column("quarantined_at", DateTime(timezone=True), nullable=False),
+    Index("ix_quarantine_domain", "domain"),
+)
+
+# -- derived tables (one per asset) ------------------------------------------
+learning_lessons = Table(
+    "learning_lessons",
+    metadata,
+    D(),
+    Column("lesson_key", String(600), nullable=False),
+    Column("pattern", String(200), nullable=False),
+    Column("scope_json", Text, nullable=False),
+    Column("n_scope_keys", Integer, nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("edge_mean", Float, nullable=False),
+    Column("edge_std", Float),
+    Column("edge_se", Float),
+    Column("edge_lcb", Float),
+    Column("first_seen", DateTime(timezone=True)),
+    Column("last_seen", DateTime(timezone=True)),
+    Column("latent_factor_id", String(100)),
+    Index("ix_learning_lessons_domain_key", "domain", "lesson_key", unique=True),
+)
+learning_edge_history = Table(
+    "learning_edge_history",
+    metadata,
+    D(),
+    Column("lesson_key", String(600), nullable=False),
+    Column("bucket_start", DateTime(timezone=True), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("edge_mean", Float, nullable=False),
+    Column("edge_se", Float),
+    Index("ix_edge_history_domain_key", "domain", "lesson_key"),
+)
+half_life_fits = Table(
+    "half_life_fits",
+    metadata,
+    D(),
+    Column("lesson_key", String(600), nullable=False),
+    Column("e0", Float),
+    Column("e0_se", Float),
+    Column("decay_rate_per_hour", Float),
+    Column("decay_rate_ci_low", Float),
+    Column("decay_rate_ci_high", Float),
+    Column("half_life_hours", Float),
+    Column("half_life_ci_low", Float),
+    Column("half_life_ci_high", Float),
+    Column("state", String(30), nullable=False),
+    Column("n_buckets", Integer, nullable=False),
+    Column("n_trades", Integer),
+    Column("t_ref", DateTime(timezone=True)),
+    Index("ix_half_life_domain_key", "domain", "lesson_key", unique=True),
+)
+latent_factors = Table(
+    "latent_factors",
+    metadata,
+    D(),
+    Column("lesson_key", String(600), nullable=False),
+    Column("latent_factor_id", String(100), nullable=False),
+    Column("factor_size", Integer),
+    Index("ix_latent_factors_domain_key", "domain", "lesson_key", unique=True),
+)
+learning_regime_weights = Table(
+    "learning_regime_weights",
+    metadata,
+    D(),
+    Column("regime", String(100), nullable=False),
+    Column("metric", String(100), nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("center", Float, nullable=False),
+    Column("scale", Float, nullable=False),
+    Column("n_trades", Integer, nullable=False),
+    Column("pooled", Boolean, nullable=False),
+    Column("alpha", Float),
+    Column("note", Text),
+    Index("ix_regime_weights_domain", "domain"),
+)
+pm_overrides = Table(
+    "pm_overrides",
+    metadata,
+    D(),
+    Column("latent_factor_id", String(100), nullable=False),
+    Column("lesson_key", String(600), nullable=False),
+    Column("pattern", String(200), nullable=False),
+    Column("scope_json", Text, nullable=False),
+    Column("n_scope_keys", Integer, nullable=False),
+    Column("regime", String(100)),  # null = any regime
+    Column("edge", Float, nullable=False),
+    Column("support", Integer, nullable=False),
+    Column("valid_until", DateTime(timezone=True)),
+    Column("source_json", Text),  # the lessons, fits and knobs the row came from
+    Index("ix_pm_overrides_domain", "domain"),
+)
+domain_priors = Table(
+    "domain_priors",
+    metadata,
+    D(),
+    Column("knob", String(50), nullable=False),
+    Column("mean", Float, nullable=False),
+    Column("std", Float, nullable=False),
+    Column("n_obs", Integer, nullable=False),
+    Column("best_value", Float),
+    Column("best_reward", Float),
+    Column("reward_mean", Float),
+    Column("updated_at", DateTime(timezone=True)),
+    Index("ix_domain_priors_domain_knob", "domain", "knob", unique=True),
+)
+global_prior = Table(
+    "global_prior",
+    metadata,
+    Column("version", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("knob", String(50), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("n_domains", Integer, nullable=False),
+    Column("epsilon", Float),
+    Column("details_json", Text),
+    Index("ix_global_prior_version_knob", "version", "knob", unique=True),
+)
+controller_state = Table(
+    "controller_state",
+    metadata,
+    D(),
+    Column("knobs_json", Text, nullable=False),
+    Column("cooldowns_json", Text, nullable=False),
+    Column("reward_ema", Float),
+    Column("rollbacks", Integer, nullable=False),
+    Column("decisions", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("state_json", Text),  # the rest of the controller's memory (snapshot, rng, ...)
+    Column("last_ts", DateTime(timezone=True)),  # newest telemetry tick consumed
+    Index("ix_controller_state_domain", "domain", unique=True),
+)
+meta_decisions = Table(
+    "meta_decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    D(),
+    Column("decision_no", Integer, nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    Column("reward", Float),
+    Column("reward_ema", Float),
+    Column("rolled_back", Boolean, nullable=False),
+    Column("policy_updates_json", Text, nullable=False),
+    Column("knobs_json", Text, nullable=False),
+    Column("telemetry_json", Text, nullable=False),
+    Column("note", Text),
+    Index("ix_meta_decisions_domain", "domain", "decision_no"),
+)
+diagnostics = Table(
+    "diagnostics",
+    metadata,
+    D(),
+    Column("section", String(50), nullable=False),
+    Column("subject", String(300), nullable=False),
+    Column("metric", String(100), nullable=False),
+    Column("value", Float),
+    Column("ci_low", Float),
+    Column("ci_high", Float),
+    Column("n", Integer),
+    Column("p_value", Float),
+    Column("details_json", Text),
+    Index("ix_diagnostics_domain", "domain"),
+)
+meta_controller_config_proposals = Table(
+    "meta_controller_config_proposals",
+    metadata,
+    Column("proposal_id", String(100), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("domain", String(63)),
+    Column("target_type", String(50), nullable=False),
+    Column("target_id", String(300), nullable=False),
+    Column("current_config_snapshot_json", Text, nullable=False),
+    Column("proposed_config_json", Text, nullable=False),
+    Column("rationale_text", Text, nullable=False),
+    Column("evidence_json", Text, nullable=False),
+    Column("evidence_hash", String(64), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("status_changed_at", DateTime(timezone=True)),
+    Column("reviewed_by", String(200)),
+    Column("applied_at", DateTime(timezone=True)),
+    Column("applied_by", String(200)),
+    Column("applied_config_version", Integer),
+    Index("ix_proposals_status", "status"),
+    Index("ix_proposals_evidence", "evidence_hash"),
+)
+config_change_log = Table(
+    "config_change_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    Column("proposal_id", String(100)),
+    Column("action", String(20), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("target_type", String(50), nullable=False),
+    Column("target_id", String(300), nullable=False),
+    Column("from_version", Integer),
+    Column("to_version", Integer),
+    Column("before_json", Text),
+    Column("after_json", Text),
+)
+
+APPEND_ONLY_TABLES = frozenset({"meta_decisions", "config_change_log", "global_prior", "quarantine"})
+
+
+def table(name: str) -> Table:
+    try:
+        return metadata.tables[name]
+    except KeyError:
+        raise KeyError(f"unknown table {name!r}; known: {sorted(metadata.tables)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Lesson identity
+# ---------------------------------------------------------------------------
+
+
+def lesson_key(pattern: str, scope: dict[str, str]) -> str:
+    """`pattern|k1=v1,k2=v2` with keys sorted; `pattern|` for no scope."""
+    return pattern + "|" + ",".join(f"{k}={scope[k]}" for k in sorted(scope))
+
+
+def parse_lesson_key(key: str) -> tuple[str, dict[str, str]]:
+    pattern, _, scope_text = key.partition("|")
+    scope = dict(part.split("=", 1) for part in scope_text.split(",")) if scope_text else {}
+    return pattern, scope
+
+
+# ---------------------------------------------------------------------------
+# Input files
+# ---------------------------------------------------------------------------
+
+TRADE_REQUIRED = ("trade_id", "closed_at", "regime", "return_r", "patterns")
+TELEMETRY_REQUIRED = ("ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms")
+KINDS = ("trades", "telemetry")
+
+
+@dataclass
+class TradesBatch:
+    """Validated trades of one file, in the shape of the source tables."""
+
+    trades: pd.DataFrame
+    patterns: pd.DataFrame
+    scope: pd.DataFrame
+    metrics: pd.DataFrame
+    quarantine: pd.DataFrame
+    n_rows: int = 0
+
+
+@dataclass
+class TelemetryBatch:
+    telemetry: pd.DataFrame
+    quarantine: pd.DataFrame
+    n_rows: int = 0
+    ignored_columns: list[str] = field(default_factory=list)
+
+
+def read_input_file(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read CSV / JSON Lines / Parquet into a raw frame of objects plus the 1-based file line of each row.
+
+    JSON Lines objects `scope` and `metrics` are flattened to `scope.<k>` / `metric.<k>`
+    columns, so both formats validate through one path.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], skip_blank_lines=True)
+        lines = np.arange(len(raw), dtype=np.int64) + 2  # header is line 1
+        return raw, lines
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        records: list[dict] = []
+        lines_list: list[int] = []
+        bad: list[tuple[int, str]] = []
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                    if not isinstance(obj, dict):
+                        raise ValueError("line is not a JSON object")
+                except ValueError as exc:
+                    bad.append((lineno, f"unparsable JSON: {exc}"))
+                    continue
+                records.append(_flatten_json_record(obj))
+                lines_list.append(lineno)
+        raw = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+        raw.attrs["json_errors"] = bad
+        return raw, np.asarray(lines_list, dtype=np.int64)
+    if suffix == ".parquet":
+        try:
+            raw = pd.read_parquet(path)
+        except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
+            raise ContractError(f"{path.name}: reading Parquet needs pyarrow ({exc})") from exc
+        flat = [_flatten_json_record(r) for r in raw.to_dict(orient="records")]
+        return pd.DataFrame.from_records(flat), np.arange(len(raw), dtype=np.int64) + 1
+    raise ContractError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
+
+
+def _flatten_json_record(obj: dict) -> dict:
+    out: dict = {}
+    for key, value in obj.items():
+        if key in ("scope", "metrics") and isinstance(value, dict):
+            prefix = "scope." if key == "scope" else "metric."
+            for k, v in value.items():
+                out[prefix + str(k)] = v
+        elif key == "knobs" and isinstance(value, dict):
+            for k, v in value.items():
+                out["knob." + str(k)] = v
+        else:
+            out[key] = value
+    return out
+
+
+def _require_columns(raw: pd.DataFrame, required: tuple[str, ...], source: str) -> None:
+    missing = [c for c in required if c not in raw.columns]
+    if missing:
+        raise ContractError(f"{source}: missing required column(s): {', '.join(missing)}")
+
+
+def _to_float(series: pd.Series) -> pd.Series:
+    return pd.to_numeric(series.replace("", np.nan), errors="coerce").astype(float)
+
+
+def _to_utc(series: pd.Series) -> pd.Series:
+    """ISO-8601 -> UTC; naive times are UTC; offsets are converted. Unparsable -> NaT."""
+    text = series.astype("string").str.strip()
+    return pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+
+
+def _quarantine_frame(
+    kind: str, domain: str, source: str, lines: np.ndarray, reasons: pd.Series, raw: pd.DataFrame, mask: np.ndarray
+) -> pd.DataFrame:
+    if not mask.any():
+        return pd.DataFrame(columns=["domain", "kind", "source_file", "line", "reason", "raw_json"])
+    bad_raw = raw.loc[mask]
+    return pd.DataFrame(
+        {
+            "domain": domain,
+            "kind": kind,
+            "source_file": source,
+            "line": lines[mask].astype(int),
+            "reason": reasons[mask].to_numpy(),
+            "raw_json": [json.dumps(r, default=str) for r in bad_raw.to_dict(orient="records")],
+        }
+    )
+
+
+def _json_error_rows(raw: pd.DataFrame, kind: str, domain: str, source: str) -> pd.DataFrame:
+    errors = raw.attrs.get("json_errors", [])
+    return pd.DataFrame(
+        {
+            "domain": domain,
+            "kind": kind,
+            "source_file": source,
+            "line": [e[0] for e in errors],
+            "reason": [e[1] for e in errors],
+            "raw_json": None,
+        }
+    )
+
+
+def _add_reason(reasons: pd.Series, mask: pd.Series | np.ndarray, text: str) -> None:
+    mask = np.asarray(mask, dtype=bool)
+    current = reasons[mask]
+    reasons[mask] = np.where(current == "", text, current + "; " + text)
+
+
+def _split_patterns(series: pd.Series) -> pd.Series:
+    def split(value: object) -> list[str]:
+        if isinstance(value, (list, tuple, np.ndarray)):
+            items = [str(v).strip() for v in value]
+        elif value is None or (isinstance(value, float) and math.isnan(value)):
+            items = []
+        else:
+            items = [p.strip() for p in str(value).split("|")]
+        # de-duplicate, keep order: a pattern either fired on a trade or it did not
+        return list(dict.fromkeys(p for p in items if p))
+
+    return series.map(split)
+
+
+def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TradesBatch:
+    """Validate a raw trades frame against the contract.
+
+    Bad rows go to the quarantine frame with their line and every reason; good rows
+    become the four source-table frames. A missing required column raises ContractError.
+    """
+    validate_domain(domain)
+    json_bad = _json_error_rows(raw, "trades", domain, source)
+    if raw.empty and not json_bad.empty:
+        return TradesBatch(*(_empty_trades_frames()), quarantine=json_bad, n_rows=len(json_bad))
+    _require_columns(raw, TRADE_REQUIRED, source)
+    n = len(raw)
+    reasons = pd.Series([""] * n, index=raw.index, dtype=object)
+
+    trade_id = raw["trade_id"].astype("string").str.strip().fillna("")
+    _add_reason(reasons, trade_id == "", "empty trade_id")
+    _add_reason(reasons, trade_id.str.len() > 200, "trade_id longer than 200 characters")
+    closed_at = _to_utc(raw["closed_at"])
+    _add_reason(reasons, closed_at.isna(), f"unparsable closed_at")
+    regime = raw["regime"].astype("string").str.strip().fillna("")
+    _add_reason(reasons, regime == "", "empty regime")
+    return_r = _to_float(raw["return_r"])
+    _add_reason(reasons, ~np.isfinite(return_r.to_numpy()), "return_r is not a finite number")
+    patterns = _split_patterns(raw["patterns"])
+    _add_reason(reasons, patterns.map(len) == 0, "empty patterns")
+    if "strategy_id" in raw.columns:
+        strategy = raw["strategy_id"].astype("string").str.strip().fillna("").replace("", "default")
+    else:
+        strategy = pd.Series("default", index=raw.index, dtype="string")
+
+    metric_cols = [c for c in raw.columns if c.startswith("metric.") and len(c) > len("metric.")]
+    metric_values = {}
+    for col in metric_cols:
+        values = _to_float(raw[col])
+        given = raw[col].astype("string").fillna("").str.strip() != ""
+        _add_reason(reasons, given & ~np.isfinite(values.to_numpy()), f"{col} is not a finite number")
+        metric_values[col[len("metric.") :]] = values
+
+    # a trade id appearing twice in one file: the last one wins, like a re-ingest
+    dup = trade_id.duplicated(keep="last") & (trade_id != "")
+    _add_reason(reasons, dup, "trade_id repeated later in the same file (later row kept)")
+
+    bad = (reasons != "").to_numpy()
+    good = ~bad
+    quarantine_rows = pd.concat(
+        [json_bad, _quarantine_frame("trades", domain, source, lines, reasons, raw, bad)], ignore_index=True
+    )
+
+    ids = trade_id[good].astype(str).to_numpy()
+    trades_df = pd.DataFrame(
+        {
+            "domain": domain,
+            "trade_id": ids,
+            "closed_at": closed_at[good].to_numpy(),
+            "regime": regime[good].astype(str).to_numpy(),
+            "strategy_id": strategy[good].astype(str).to_numpy(),
+            "return_r": return_r[good].to_numpy(),
+            "source_file": source,
+        }
+    )
+    pats = patterns[good]
+    pattern_df = pd.DataFrame(
+        {"domain": domain, "trade_id": np.repeat(ids, pats.map(len).to_numpy()), "pattern": np.concatenate(
+            [np.asarray(p, dtype=object) for p in pats] or [np.array([], dtype=object)]
+        )}
+    )
+    scope_parts = []
+    for col in (c for c in raw.columns if c.startswith("scope.") and len(c) > len("scope.")):
+        values = raw.loc[good, col].astype("string").str.strip().fillna("")
+        keep = (values != "").to_numpy()
+        if keep.any():
+            scope_parts.append(
+                pd.DataFrame({"domain": domain, "trade_id": ids[keep], "key": col[len("scope.") :],
+                              "value": values[keep].astype(str).to_numpy()})
+            )
+    scope_df = (
+        pd.concat(scope_parts, ignore_index=True)
+        if scope_parts
+        else pd.DataFrame(columns=["domain", "trade_id", "key", "value"])
+    )
+    metric_parts = []
+    for name, values in metric_values.items():
+        v = values[good].to_numpy()
+        keep = np.isfinite(v)
+        if keep.any():
+            metric_parts.append(pd.DataFrame({"domain": domain, "trade_id": ids[keep], "metric": name, "value": v[keep]}))
+    metrics_df = (
+        pd.concat(metric_parts, ignore_index=True)
+        if metric_parts
+        else pd.DataFrame(columns=["domain", "trade_id", "metric", "value"])
+    )
+    return TradesBatch(trades_df, pattern_df, scope_df, metrics_df, quarantine_rows, n_rows=n + len(json_bad))
+
+
+def _empty_trades_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    return (
+        pd.DataFrame(columns=["domain", "trade_id", "closed_at", "regime", "strategy_id", "return_r", "source_file"]),
+        pd.DataFrame(columns=["domain", "trade_id", "pattern"]),
+        pd.DataFrame(columns=["domain", "trade_id", "key", "value"]),
+        pd.DataFrame(columns=["domain", "trade_id", "metric", "value"]),
+    )
+
+
+TELEMETRY_BOUNDS = {
+    "stability_mean": (0.0, 1.0),
+    "vram_utilization": (0.0, 1.0),
+    "latency_ms": (0.0, math.inf),
+}
+
+
+def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TelemetryBatch:
+    """Validate a raw telemetry frame; same quarantine rules as trades."""
+    validate_domain(domain)
+    json_bad = _json_error_rows(raw, "telemetry", domain, source)
+    cols = ["domain", "ts", *TELEMETRY_REQUIRED[1:], *[f"knob_{k}" for k in KNOB_NAMES], "source_file"]
+    if raw.empty and not json_bad.empty:
+        return TelemetryBatch(pd.DataFrame(columns=cols), json_bad, n_rows=len(json_bad))
+    _require_columns(raw, TELEMETRY_REQUIRED, source)
+    n = len(raw)
+    reasons = pd.Series([""] * n, index=raw.index, dtype=object)
+    ts = _to_utc(raw["ts"])
+    _add_reason(reasons, ts.isna(), "unparsable ts")
+    out = {"domain": domain}
+    for col in TELEMETRY_REQUIRED[1:]:
+        values = _to_float(raw[col])
+        finite = np.isfinite(values.to_numpy())
+        _add_reason(reasons, ~finite, f"{col} is not a finite number")
+        lo, hi = TELEMETRY_BOUNDS.get(col, (-math.inf, math.inf))
+        _add_reason(reasons, finite & ((values < lo) | (values > hi)).to_numpy(), f"{col} outside [{lo}, {hi}]")
+        out[col] = values
+    knob_cols = {}
+    for name in KNOB_NAMES:
+        col = f"knob.{name}"
+        if col in raw.columns:
+            values = _to_float(raw[col])
+            given = raw[col].astype("string").fillna("").str.strip() != ""
+            _add_reason(reasons, given & ~np.isfinite(values.to_numpy()), f"{col} is not a finite number")
+            knob_cols[f"knob_{name}"] = values
+        else:
+            knob_cols[f"knob_{name}"] = pd.Series(np.nan, index=raw.index)
+    dup = ts.duplicated(keep="last") & ts.notna()
+    _add_reason(reasons, dup, "ts repeated later in the same file (later row kept)")
+    bad = (reasons != "").to_numpy()
+    good = ~bad
+    frame = pd.DataFrame({"domain": domain, "ts": ts[good].to_numpy()})
+    for col in TELEMETRY_REQUIRED[1:]:
+        frame[col] = out[col][good].to_numpy()
+    for col, values in knob_cols.items():
+        frame[col] = values[good].to_numpy()
+    frame["source_file"] = source
+    ignored = [c for c in raw.columns if c.startswith("knob.") and c[5:] not in KNOB_NAMES]
+    quarantine_rows = pd.concat(
+        [json_bad, _quarantine_frame("telemetry", domain, source, lines, reasons, raw, bad)], ignore_index=True
+    )
+    return TelemetryBatch(frame, quarantine_rows, n_rows=n + len(json_bad), ignored_columns=ignored)

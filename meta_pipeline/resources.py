@@ -1,0 +1,81 @@
+"""Shared Dagster plumbing: the domain partitions, the store resource key, metadata helpers.
+
+Kept outside `defs/` so the autoloader does not treat these helpers as definitions.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from meta_pipeline.contracts import validate_domain
+from meta_pipeline.knobs import clip_knobs, default_knobs
+from meta_pipeline.store import MetaStore
+
+# A domain appears the first time data for it is ingested.
+domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
+
+STORE_KEY = "store"
+
+
+def partition_domain(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> str:
+    """The run's domain partition key, validated before it reaches SQL or a path."""
+    return validate_domain(context.partition_key)
+
+
+def current_knobs(store: MetaStore, domain: str) -> tuple[dict[str, float], str]:
+    """The knobs in effect for a domain: its controller state when there is one, else defaults."""
+    state = store.read("controller_state", domain=domain, columns=["knobs_json"])
+    if len(state):
+        return clip_knobs(json.loads(state["knobs_json"].iloc[0])), "controller_state"
+    return default_knobs(), "defaults"
+
+
+def table_preview(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:
+    """A markdown table of the first rows (floats rounded), for the asset's metadata."""
+    if df.empty:
+        return dg.MetadataValue.md("_(no rows)_")
+    shown = df.head(max_rows).copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].round(4)
+    return dg.MetadataValue.md(shown.to_markdown(index=False) if _has_tabulate() else _md_table(shown))
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join("" if pd.isna(v) else str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, sep, *body])
+
+
+def plot_metadata(fig: Any, alt: str = "plot") -> dg.MetadataValue:
+    """A matplotlib figure as an inline PNG in markdown metadata (shown in the UI).
+
+    Build figures with `matplotlib.figure.Figure()` (no pyplot): thread-safe, no GUI backend.
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{data})")
+
+
+def counts_metadata(counts: Mapping[str, int | float]) -> dict[str, dg.MetadataValue]:
+    out: dict[str, dg.MetadataValue] = {}
+    for key, value in counts.items():
+        out[key] = dg.MetadataValue.int(int(value)) if isinstance(value, int) else dg.MetadataValue.float(float(value))
+    return out
