@@ -596,7 +596,7 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     )
     pats = patterns[good]
     pattern_df = pd.DataFrame(
-        {"domain": domain, "trade_id": np.repeat(ids, pats.map(len).to_numpy()), "pattern": np.concatenate(
+        {"domain": domain, "trade_id": np.repeat(ids, pats.map(len).to_numpy(dtype=np.int64)), "pattern": np.concatenate(
             [np.asarray(p, dtype=object) for p in pats] or [np.array([], dtype=object)]
         )}
     )

@@ -168,9 +168,11 @@ class MetaStore(ConfigurableResource):
             raise ValueError(f"{table_name}: rows for other domains passed to replace_partition({domain!r})")
         rows["domain"] = domain
         if conn is not None:
+            lock_partition(conn, table_name, domain)
             conn.execute(delete(tbl).where(tbl.c.domain == domain))
             return insert_frame(conn, tbl, rows)
         with self.write() as c:
+            lock_partition(c, table_name, domain)
             c.execute(delete(tbl).where(tbl.c.domain == domain))
             return insert_frame(c, tbl, rows)
 
@@ -189,6 +191,18 @@ class MetaStore(ConfigurableResource):
             return insert_frame(conn, tbl, rows)
         with self.write() as c:
             return insert_frame(c, tbl, rows)
+
+
+def lock_partition(conn: Connection, table_name: str, domain: str) -> None:
+    """Serialize writers of one (table, domain) until the transaction ends.
+
+    SQLite already serializes writers (BEGIN IMMEDIATE). On PostgreSQL, under READ
+    COMMITTED, two concurrent delete-then-insert transactions would both insert (the
+    second DELETE cannot see the first's new rows): a transaction-scoped advisory
+    lock makes the second wait for the first instead.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"{table_name}/{domain}"})
 
 
 def _q(name: str) -> str:

@@ -405,8 +405,6 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     )
     for j, m in enumerate(METRICS):
         trades[f"metric.{m}"] = np.where(missing[:, j], np.nan, metric_values[m])
-    trades.attrs["pattern_names"] = pattern_names
-    trades.attrs["fired"] = fired
     trades["patterns"] = _join_patterns(fired, pattern_names)
 
     regime_weights = pd.DataFrame(

@@ -1,0 +1,226 @@
+"""synth, ingest, demo, backfill: getting data in and the fleet computed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from meta_pipeline.contracts import ContractError, validate_domain
+from meta_pipeline.ingest import ingest_file
+from meta_pipeline.paths import data_dir, dagster_home, default_db_url
+from meta_pipeline.store import MetaStore
+
+
+def _store(args: argparse.Namespace) -> MetaStore:
+    return MetaStore(db_url=args.db_url or default_db_url())
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: META_PIPELINE_DB_URL or data/meta.db)")
+
+
+# ---------------------------------------------------------------------------
+# synth
+# ---------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from meta_pipeline.synth import FleetConfig, generate_fleet, write_fleet_files
+
+    cfg = FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed,
+                      outlier_domain=args.outlier, domain_prefix=args.prefix)
+    fleet = generate_fleet(cfg)
+    out = Path(args.out)
+    if args.inbox:
+        # the inbox layout: <inbox>/<domain>/<kind>/<file>, picked up by the inbox sensor
+        for name, data in fleet.domains.items():
+            from meta_pipeline.synth import write_telemetry_file, write_trades_file
+
+            write_trades_file(data.train_trades, out / name / "trades" / f"trades-seed{args.seed}.{args.format}")
+            write_telemetry_file(data.telemetry, out / name / "telemetry" / f"telemetry-seed{args.seed}.{args.format}")
+    else:
+        write_fleet_files(fleet, out, fmt=args.format)
+    print(f"wrote {len(fleet.domains)} domains ({args.trades} trades each, training window only) to {out}")
+    if args.load:
+        store = _store(args)
+        _load_fleet(store, fleet, out, args.format, register=True)
+    return 0
+
+
+def _load_fleet(store: MetaStore, fleet, folder: Path, fmt: str, register: bool) -> list[str]:
+    """Ingest a written fleet through the user path, plus its backtest runs; register partitions."""
+    from meta_pipeline.synth import write_fleet_files
+
+    paths = write_fleet_files(fleet, folder, fmt=fmt)
+    for name, files in paths.items():
+        for kind in ("trades", "telemetry"):
+            report = ingest_file(store, kind, files[kind], name)
+            print("  " + report.summary().replace("\n", "\n  "))
+        store.replace_partition("backtest_runs", name, fleet.domains[name].backtests)
+    domains = list(paths)
+    if register:
+        from meta_pipeline.orchestration import get_instance, register_domains
+
+        register_domains(get_instance(), domains)
+    return domains
+
+
+# ---------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    try:
+        domain = validate_domain(args.domain)
+    except ContractError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    store = _store(args)
+    try:
+        report = ingest_file(store, args.kind, args.file, domain)
+    except ContractError as exc:
+        print(f"error: rejected {args.file}: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if not args.no_dagster:
+        from meta_pipeline.orchestration import get_instance, register_domains, report_ingest
+
+        instance = get_instance()
+        if register_domains(instance, [domain]):
+            print(f"registered new domain partition {domain!r} in Dagster ({dagster_home()})")
+        report_ingest(instance, report)
+    if not report.ok:
+        print("error: nothing could be ingested from this file (see quarantine reasons above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meta_pipeline.orchestration import get_instance, run_domain_job, run_fleet_job
+    from meta_pipeline.synth import FleetConfig, generate_fleet
+
+    started = time.perf_counter()
+    store = _store(args)
+    instance = get_instance()
+    print(f"store: {store.db_url}\nDagster home: {dagster_home()}")
+    fleet = generate_fleet(FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed))
+    print(f"1/3 synthetic fleet: {args.domains} domains × {args.trades} trades, written as CSV and ingested")
+    domains = _load_fleet(store, fleet, data_dir() / "demo_files", "csv", register=True)
+
+    print("2/3 materializing every per-domain asset for every domain (domain_refresh_job)")
+    failed = []
+    for domain in domains:
+        t = time.perf_counter()
+        result = run_domain_job(instance, domain)
+        status = "ok" if result.success else "FAILED"
+        print(f"  {domain}: {status} in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})")
+        if not result.success:
+            failed.append(domain)
+    print("3/3 cross-domain assets (fleet_refresh_job)")
+    fleet_result = run_fleet_job(instance)
+    print(f"  fleet: {'ok' if fleet_result.success else 'FAILED'} (run {fleet_result.run_id[:8]})")
+
+    print("\nSummary")
+    for table_name in (
+        "trades", "quarantine", "learning_lessons", "half_life_fits", "latent_factors",
+        "learning_regime_weights", "pm_overrides", "domain_priors", "global_prior",
+        "controller_state", "meta_decisions", "diagnostics", "meta_controller_config_proposals",
+    ):
+        try:
+            print(f"  {table_name:34s} {store.count(table_name):>9,d} rows")
+        except Exception as exc:  # pragma: no cover - summary only
+            print(f"  {table_name:34s} unavailable ({exc})")
+    _print_top_overrides(store, domains[0])
+    print(f"\ndone in {time.perf_counter() - started:.1f}s.")
+    print("Open the UI:  make ui   (dagster dev on http://127.0.0.1:3000, same DAGSTER_HOME)")
+    return 1 if failed or not fleet_result.success else 0
+
+
+def _print_top_overrides(store: MetaStore, domain: str) -> None:
+    overrides = store.read("pm_overrides", domain=domain)
+    if overrides.empty:
+        return
+    top = overrides.reindex(overrides["edge"].abs().sort_values(ascending=False).index).head(5)
+    print(f"\nTop overrides in {domain}:")
+    with pd.option_context("display.width", 140, "display.max_colwidth", 50):
+        print(top[["latent_factor_id", "lesson_key", "regime", "edge", "support"]].to_string(index=False))
+
+
+# ---------------------------------------------------------------------------
+# backfill
+# ---------------------------------------------------------------------------
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from meta_pipeline.orchestration import get_instance, run_domain_job, run_fleet_job
+
+    instance = get_instance()
+    known = instance.get_dynamic_partitions("domain")
+    domains = args.domains or known
+    unknown = sorted(set(domains) - set(known))
+    if unknown:
+        print(f"error: unknown domain partition(s): {', '.join(unknown)} (known: {', '.join(known) or 'none'})",
+              file=sys.stderr)
+        return 2
+    if args.webserver:
+        from meta_pipeline.graphql import launch_partition_backfill
+
+        backfill_id = launch_partition_backfill(args.webserver, domains)
+        print(f"launched backfill {backfill_id} over {len(domains)} domain(s); the daemon runs one run per domain")
+        return 0
+    store = _store(args)
+    failed = 0
+    for domain in domains:
+        result = run_domain_job(instance, domain, store)
+        print(f"{domain}: {'ok' if result.success else 'FAILED'} (run {result.run_id[:8]})")
+        failed += not result.success
+    result = run_fleet_job(instance, store)
+    print(f"fleet: {'ok' if result.success else 'FAILED'}")
+    return 1 if failed or not result.success else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate a synthetic fleet with planted truth (files; --load ingests them)")
+    p.add_argument("--out", default=str(data_dir() / "synth"))
+    p.add_argument("--domains", type=int, default=3)
+    p.add_argument("--trades", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="dom")
+    p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    p.add_argument("--outlier", action="store_true", help="plant one domain whose knob optimum is far from the rest")
+    p.add_argument("--inbox", action="store_true", help="write in the inbox layout <out>/<domain>/<kind>/")
+    p.add_argument("--load", action="store_true", help="also ingest into the store and register partitions")
+    _add_db(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="ingest a trades or telemetry file (CSV, JSON Lines, Parquet)")
+    p.add_argument("kind", choices=["trades", "telemetry"])
+    p.add_argument("file")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--no-dagster", action="store_true", help="do not register the partition / record the event")
+    _add_db(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("demo", help="synthetic fleet -> store -> every asset for every domain -> summary")
+    p.add_argument("--domains", type=int, default=3)
+    p.add_argument("--trades", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    _add_db(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("backfill", help="recompute domains: in process, or through a webserver's GraphQL API")
+    p.add_argument("--domains", nargs="*", default=None)
+    p.add_argument("--webserver", default=None, metavar="URL",
+                   help="e.g. http://127.0.0.1:3000: launch a partition backfill there (the daemon runs it)")
+    _add_db(p)
+    p.set_defaults(func=cmd_backfill)

@@ -1,0 +1,71 @@
+"""The CLI's bridge to Dagster: the instance, domain partitions, and running jobs in process.
+
+The CLI and `dagster dev` share one DAGSTER_HOME (see paths.dagster_home), so a domain
+registered here shows up in the UI and in `dagster asset materialize --partition`.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from meta_pipeline.contracts import validate_domain
+from meta_pipeline.ingest import IngestReport
+from meta_pipeline.paths import ensure_dagster_home
+from meta_pipeline.resources import STORE_KEY, domain_partitions
+from meta_pipeline.store import MetaStore
+
+DOMAIN_JOB = "domain_refresh_job"
+FLEET_JOB = "fleet_refresh_job"
+
+
+def get_instance() -> dg.DagsterInstance:
+    ensure_dagster_home()
+    return dg.DagsterInstance.get()
+
+
+def register_domains(instance: dg.DagsterInstance, domains: list[str]) -> list[str]:
+    """Add domain partitions that do not exist yet; returns the new ones."""
+    for d in domains:
+        validate_domain(d)
+    known = set(instance.get_dynamic_partitions(domain_partitions.name))
+    new = sorted(set(domains) - known)
+    if new:
+        instance.add_dynamic_partitions(domain_partitions.name, new)
+    return new
+
+
+def report_ingest(instance: dg.DagsterInstance, report: IngestReport) -> None:
+    """Record a CLI ingest as a materialization of the domain's source asset, visible in the UI."""
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=report.kind,
+            partition=report.domain,
+            description=f"ingested by meta-pipeline ingest from {report.source_file}",
+            metadata={**report.as_metadata(), "source_file": report.source_file},
+        )
+    )
+
+
+def load_defs() -> dg.Definitions:
+    from meta_pipeline.definitions import defs
+
+    return defs
+
+
+def with_store(defs: dg.Definitions, store: MetaStore) -> dg.Definitions:
+    """The same definitions bound to a specific store (e.g. --db-url)."""
+    return dg.Definitions.merge(defs, dg.Definitions(resources={STORE_KEY: store}))
+
+
+def run_domain_job(
+    instance: dg.DagsterInstance, domain: str, store: MetaStore | None = None, job_name: str = DOMAIN_JOB
+) -> dg.ExecuteInProcessResult:
+    """Materialize every per-domain asset for one domain, in this process, on the shared instance."""
+    defs = load_defs() if store is None else with_store(load_defs(), store)
+    job = defs.resolve_job_def(job_name)
+    return job.execute_in_process(partition_key=validate_domain(domain), instance=instance, raise_on_error=False)
+
+
+def run_fleet_job(instance: dg.DagsterInstance, store: MetaStore | None = None) -> dg.ExecuteInProcessResult:
+    defs = load_defs() if store is None else with_store(load_defs(), store)
+    return defs.resolve_job_def(FLEET_JOB).execute_in_process(instance=instance, raise_on_error=False)

@@ -1,0 +1,109 @@
+"""The store on SQLite and on a real PostgreSQL: typed reads, atomic partition replacement."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meta_pipeline.contracts import ContractError
+from meta_pipeline.store import MetaStore
+
+
+def _lessons(domain: str, n: int, edge: float) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "domain": domain,
+            "lesson_key": [f"P{i}|" for i in range(n)],
+            "pattern": [f"P{i}" for i in range(n)],
+            "scope_json": "{}",
+            "n_scope_keys": 0,
+            "n": np.arange(n) + 30,
+            "edge_mean": edge,
+            "edge_std": 1.0,
+            "edge_se": 0.1,
+            "edge_lcb": edge - 0.1,
+            "first_seen": pd.Timestamp("2026-01-01T00:00:00Z"),
+            "last_seen": pd.Timestamp("2026-02-01T12:30:00Z"),
+        }
+    )
+
+
+def test_replace_partition_is_idempotent_and_scoped(any_store: MetaStore) -> None:
+    any_store.replace_partition("learning_lessons", "a", _lessons("a", 5, 0.1))
+    any_store.replace_partition("learning_lessons", "b", _lessons("b", 3, 0.2))
+    any_store.replace_partition("learning_lessons", "a", _lessons("a", 4, 0.3))
+    any_store.replace_partition("learning_lessons", "a", _lessons("a", 4, 0.3))
+    a = any_store.read("learning_lessons", domain="a")
+    b = any_store.read("learning_lessons", domain="b")
+    assert len(a) == 4 and np.allclose(a["edge_mean"], 0.3)
+    assert len(b) == 3 and np.allclose(b["edge_mean"], 0.2)  # the other domain untouched
+    # typed read: UTC timestamps, exact values round-trip
+    assert str(a["first_seen"].dt.tz) == "UTC"
+    assert a["last_seen"].iloc[0] == pd.Timestamp("2026-02-01T12:30:00Z")
+    assert a["n"].dtype == np.int64
+
+
+def test_failed_replace_leaves_previous_rows(any_store: MetaStore) -> None:
+    any_store.replace_partition("learning_lessons", "a", _lessons("a", 5, 0.1))
+    bad = _lessons("a", 6, 0.9)
+    bad.loc[4, "edge_mean"] = np.inf  # rejected by the insert, after the delete ran
+    with pytest.raises(ValueError, match="non-finite"):
+        any_store.replace_partition("learning_lessons", "a", bad)
+    bad = _lessons("a", 6, 0.9)
+    bad.loc[5, "pattern"] = None  # null in a non-null column
+    with pytest.raises(ValueError, match="null"):
+        any_store.replace_partition("learning_lessons", "a", bad)
+    kept = any_store.read("learning_lessons", domain="a")
+    assert len(kept) == 5 and np.allclose(kept["edge_mean"], 0.1)
+
+
+def test_crash_inside_transaction_rolls_back(any_store: MetaStore) -> None:
+    any_store.replace_partition("learning_lessons", "a", _lessons("a", 5, 0.1))
+    with pytest.raises(RuntimeError, match="boom"):
+        with any_store.write() as conn:
+            any_store.replace_partition("learning_lessons", "a", _lessons("a", 2, 0.7), conn=conn)
+            raise RuntimeError("boom")  # e.g. the process dies between two tables
+    assert len(any_store.read("learning_lessons", domain="a")) == 5
+
+
+def test_append_only_tables_refuse_replacement(any_store: MetaStore) -> None:
+    with pytest.raises(ValueError, match="append-only"):
+        any_store.replace_partition("meta_decisions", "a", pd.DataFrame())
+
+
+@pytest.mark.parametrize("name", ["../x", "a;drop table trades", "", "x" * 200, "Upper", "-lead", "nul\x00byte", "white space"])
+def test_hostile_domain_names_never_reach_sql(store: MetaStore, name) -> None:
+    with pytest.raises(ContractError, match="invalid domain name"):
+        store.read("trades", domain=name)
+    with pytest.raises(ContractError, match="invalid domain name"):
+        store.replace_partition("learning_lessons", name, _lessons("a", 1, 0.1).drop(columns="domain"))
+    assert store.count("learning_lessons") == 0
+
+
+def test_rows_for_another_domain_are_refused(store: MetaStore) -> None:
+    with pytest.raises(ValueError, match="other domains"):
+        store.replace_partition("learning_lessons", "a", _lessons("b", 2, 0.1))
+
+
+def test_concurrent_writers_queue_instead_of_failing(any_store: MetaStore) -> None:
+    errors: list[BaseException] = []
+
+    def writer(domain: str, edge: float) -> None:
+        try:
+            for _ in range(10):
+                any_store.replace_partition("learning_lessons", domain, _lessons(domain, 50, edge))
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(d, e)) for d, e in (("a", 0.1), ("b", 0.2), ("a", 0.3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    a = any_store.read("learning_lessons", domain="a")
+    assert len(a) == 50 and a["edge_mean"].nunique() == 1  # one writer's whole partition, never a mix
+    assert len(any_store.read("learning_lessons", domain="b")) == 50
