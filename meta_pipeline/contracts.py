@@ -155,6 +155,22 @@ quarantine = Table(
     Index("ix_quarantine_domain", "domain"),
 )
 
+ingest_batches = Table(
+    "ingest_batches",
+    metadata,
+    # one row per landed batch of source rows (an ingested file, a runtime write):
+    # the sensors' cursors follow `id`, and run keys name id + ingested_at, so a batch
+    # triggers exactly one run even across restarts or a store that was reset.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    D(),
+    Column("kind", String(20), nullable=False),  # trades | telemetry
+    Column("source", Text, nullable=False),
+    Column("rows_ingested", Integer, nullable=False),
+    Column("rows_quarantined", Integer, nullable=False),
+    Column("ingested_at", DateTime(timezone=True), nullable=False),
+    Index("ix_ingest_batches_domain_kind", "domain", "kind"),
+)
+
 # -- derived tables (one per asset) ------------------------------------------
 learning_lessons = Table(
     "learning_lessons",
@@ -354,7 +370,7 @@ config_change_log = Table(
     Column("after_json", Text),
 )
 
-APPEND_ONLY_TABLES = frozenset({"meta_decisions", "config_change_log", "global_prior", "quarantine"})
+APPEND_ONLY_TABLES = frozenset({"meta_decisions", "config_change_log", "global_prior", "quarantine", "ingest_batches"})
 
 
 def table(name: str) -> Table:

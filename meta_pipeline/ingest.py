@@ -104,9 +104,30 @@ def ingest_trades_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, 
         insert_frame(conn, table("trade_scope"), batch.scope)
         insert_frame(conn, table("trade_metrics"), batch.metrics)
         report.quarantined = insert_frame(conn, table("quarantine"), batch.quarantine.assign(quarantined_at=now))
+        record_batch(conn, domain, "trades", source, report.ingested, report.quarantined, now)
     report.replaced = len(overlap)
     report.reasons = _reason_counts(batch.quarantine)
     return report
+
+
+def record_batch(conn: Connection, domain: str, kind: str, source: str, rows_ingested: int, rows_quarantined: int,
+                 ingested_at: pd.Timestamp | None = None) -> None:
+    """Log a landed batch (same transaction as its rows): what the sensors watch."""
+    if rows_ingested == 0:
+        return  # nothing new to learn from
+    insert_frame(conn, table("ingest_batches"), pd.DataFrame([{
+        "domain": domain, "kind": kind, "source": source, "rows_ingested": rows_ingested,
+        "rows_quarantined": rows_quarantined, "ingested_at": ingested_at or pd.Timestamp.now(tz="UTC")}]))
+
+
+def append_telemetry_rows(store: MetaStore, domain: str, rows: pd.DataFrame, source: str) -> int:
+    """Telemetry written by a runtime (e.g. `meta-pipeline simulate`): validated rows + a batch record."""
+    validate_domain(domain)
+    now = pd.Timestamp.now(tz="UTC")
+    with store.write() as conn:
+        n = insert_frame(conn, table("telemetry"), rows.assign(domain=domain, source_file=source, ingested_at=now))
+        record_batch(conn, domain, "telemetry", source, n, 0, now)
+    return n
 
 
 def ingest_telemetry_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> IngestReport:
@@ -122,6 +143,7 @@ def ingest_telemetry_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarra
             _delete_ids(conn, "telemetry", domain, "ts", [t.to_pydatetime() for t in overlap])
         report.ingested = insert_frame(conn, table("telemetry"), batch.telemetry.assign(ingested_at=now))
         report.quarantined = insert_frame(conn, table("quarantine"), batch.quarantine.assign(quarantined_at=now))
+        record_batch(conn, domain, "telemetry", source, report.ingested, report.quarantined, now)
     report.replaced = len(overlap)
     report.reasons = _reason_counts(batch.quarantine)
     return report

@@ -7,7 +7,6 @@ correct as assets are added.
 
 import dagster as dg
 
-from meta_pipeline.resources import domain_partitions
 
 PER_DOMAIN_GROUPS = ("ingest", "learning", "meta", "governance")
 FLEET_GROUP = "fleet"
@@ -15,14 +14,12 @@ FLEET_GROUP = "fleet"
 domain_refresh_job = dg.define_asset_job(
     "domain_refresh_job",
     selection=dg.AssetSelection.groups(*PER_DOMAIN_GROUPS),
-    partitions_def=domain_partitions,
     description="Recompute everything for one domain: summaries, learning jobs, priors, controller, diagnostics.",
 )
 
 learning_job = dg.define_asset_job(
     "learning_job",
     selection=dg.AssetSelection.groups("learning"),
-    partitions_def=domain_partitions,
     description="The learning jobs of one domain, from lessons to pm_overrides.",
 )
 

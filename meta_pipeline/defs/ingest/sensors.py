@@ -19,9 +19,9 @@ from meta_pipeline.paths import inbox_dir
 from meta_pipeline.resources import domain_partitions
 from meta_pipeline.store import MetaStore
 
-ingest_trades_job = dg.define_asset_job("ingest_trades_job", selection=[trades], partitions_def=domain_partitions)
+ingest_trades_job = dg.define_asset_job("ingest_trades_job", selection=[trades])
 ingest_telemetry_job = dg.define_asset_job(
-    "ingest_telemetry_job", selection=[telemetry], partitions_def=domain_partitions
+    "ingest_telemetry_job", selection=[telemetry]
 )
 
 
