@@ -536,18 +536,23 @@ def _add_reason(reasons: pd.Series, mask: pd.Series | np.ndarray, text: str) -> 
     reasons[mask] = np.where(current == "", text, current + "; " + text)
 
 
-def _split_patterns(series: pd.Series) -> pd.Series:
-    def split(value: object) -> list[str]:
-        if isinstance(value, (list, tuple, np.ndarray)):
-            items = [str(v).strip() for v in value]
-        elif value is None or (isinstance(value, float) and math.isnan(value)):
-            items = []
-        else:
-            items = [p.strip() for p in str(value).split("|")]
-        # de-duplicate, keep order: a pattern either fired on a trade or it did not
-        return list(dict.fromkeys(p for p in items if p))
+def _explode_patterns(series: pd.Series) -> pd.DataFrame:
+    """'a|b' strings (CSV) or lists (JSON Lines) -> long frame (row position, pattern), vectorized.
 
-    return series.map(split)
+    Names are stripped, empty names dropped, and a pattern repeated on one trade kept
+    once: a pattern either fired on a trade or it did not.
+    """
+    values = series.reset_index(drop=True)
+    is_list = values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))) if values.dtype == object else None
+    if is_list is not None and is_list.any():
+        split = values.where(is_list, values[~is_list].astype("string").str.split("|"))
+    else:
+        split = values.astype("string").str.split("|")
+    exploded = split.explode()
+    pattern = exploded.astype("string").str.strip()
+    keep = (pattern.notna() & (pattern != "")).to_numpy()
+    out = pd.DataFrame({"row": exploded.index.to_numpy()[keep], "pattern": pattern.to_numpy()[keep]})
+    return out.drop_duplicates(ignore_index=True)
 
 
 def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TradesBatch:
@@ -573,8 +578,9 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     _add_reason(reasons, regime == "", "empty regime")
     return_r = _to_float(raw["return_r"])
     _add_reason(reasons, ~np.isfinite(return_r.to_numpy()), "return_r is not a finite number")
-    patterns = _split_patterns(raw["patterns"])
-    _add_reason(reasons, patterns.map(len) == 0, "empty patterns")
+    patterns = _explode_patterns(raw["patterns"])
+    patterns_per_row = np.bincount(patterns["row"].to_numpy(dtype=np.int64), minlength=n)
+    _add_reason(reasons, patterns_per_row == 0, "empty patterns")
     if "strategy_id" in raw.columns:
         strategy = raw["strategy_id"].astype("string").str.strip().fillna("").replace("", "default")
     else:
@@ -610,11 +616,13 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
             "source_file": source,
         }
     )
-    pats = patterns[good]
+    good_patterns = patterns[good[patterns["row"].to_numpy()]]
+    # map each kept row position to its trade id (good rows keep their order)
+    id_by_row = np.full(n, None, dtype=object)
+    id_by_row[good] = ids
     pattern_df = pd.DataFrame(
-        {"domain": domain, "trade_id": np.repeat(ids, pats.map(len).to_numpy(dtype=np.int64)), "pattern": np.concatenate(
-            [np.asarray(p, dtype=object) for p in pats] or [np.array([], dtype=object)]
-        )}
+        {"domain": domain, "trade_id": id_by_row[good_patterns["row"].to_numpy()],
+         "pattern": good_patterns["pattern"].to_numpy(dtype=object)}
     )
     scope_parts = []
     for col in (c for c in raw.columns if c.startswith("scope.") and len(c) > len("scope.")):

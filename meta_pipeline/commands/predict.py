@@ -1,0 +1,37 @@
+"""meta-pipeline predict --domain NAME FILE: apply a domain's overrides to trades (CSV trade_id,edge)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from meta_pipeline.contracts import ContractError, validate_domain
+from meta_pipeline.paths import default_db_url
+from meta_pipeline.store import MetaStore
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from meta_pipeline.predict import predict_file
+
+    try:
+        domain = validate_domain(args.domain)
+        result = predict_file(MetaStore(db_url=args.db_url or default_db_url()), domain, args.file)
+    except ContractError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        result[["trade_id", "edge"]].to_csv(out, index=False, float_format="%.6g")
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="apply a domain's pm_overrides to a trades file; prints CSV trade_id,edge")
+    p.add_argument("file", help="trades in the ingest contract (return_r optional)")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--output", "-o", default=None, help="write the CSV here instead of stdout")
+    p.add_argument("--db-url", default=None)
+    p.set_defaults(func=cmd_predict)
