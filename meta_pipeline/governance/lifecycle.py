@@ -1,0 +1,355 @@
+"""The life of a config proposal: insert, approve, reject, apply, revert, auto-apply.
+
+    PENDING ──approve──▶ APPROVED ──apply──▶ APPLIED ──revert──▶ REVERTED
+       │  └──reject───▶ REJECTED                ▲
+       └──────────── auto-apply (policy) ───────┘
+
+Every transition is one store transaction:
+
+1. read the proposal; if the action is not allowed from its status, raise ProposalError
+   (naming the status and the action) — nothing is written;
+2. ``UPDATE … SET status = :new WHERE proposal_id = :id AND status = :expected`` and check
+   that exactly one row changed. Two people acting at once both pass step 1, but only
+   one UPDATE matches: on SQLite the writers queue on the database lock (BEGIN
+   IMMEDIATE); on PostgreSQL the second UPDATE waits on the row lock and then finds the
+   status changed. The loser gets ProposalError and its transaction rolls back;
+3. apply/revert then write a new ``configs`` version (previous active row deactivated)
+   under a per-target lock (PostgreSQL advisory lock; SQLite holds the database lock);
+4. append a ``config_change_log`` row (every transition, incl. approve/reject).
+
+Apply refuses a stale proposal (the target's active config is no longer the snapshot
+the proposal was made against); revert refuses when the active config is no longer what
+the proposal applied (a later change would be clobbered). Both say what to do instead.
+
+No Dagster here: the asset, the review job and the CLI all call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, select, text, update
+from sqlalchemy.engine import Connection
+
+from meta_pipeline.contracts import config_change_log, configs, meta_controller_config_proposals, validate_domain
+from meta_pipeline.governance.proposals import PROPOSAL_COLUMNS, TARGET_TYPES, canonical
+from meta_pipeline.knobs import clip_knobs, default_knobs
+from meta_pipeline.store import MetaStore, insert_frame
+
+PROPOSALS_TABLE = "meta_controller_config_proposals"
+STATUSES = ("PENDING", "APPROVED", "REJECTED", "APPLIED", "REVERTED")
+# action -> (statuses it may start from, status it leads to)
+TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
+    "approve": (frozenset({"PENDING"}), "APPROVED"),
+    "reject": (frozenset({"PENDING"}), "REJECTED"),
+    "apply": (frozenset({"APPROVED"}), "APPLIED"),
+    "revert": (frozenset({"APPLIED"}), "REVERTED"),
+    "auto_apply": (frozenset({"PENDING"}), "APPLIED"),
+}
+HUMAN_ACTIONS = ("approve", "reject", "apply", "revert")
+AUTO_ACTOR = "AUTO"
+MIN_AUTO_CONFIDENCE = 0.5  # the policy may not auto-apply anything below this
+_P = meta_controller_config_proposals
+
+
+class ProposalError(ValueError):
+    """An action a proposal's status does not allow (or a proposal that does not exist)."""
+
+    def __init__(self, proposal_id: str, action: str, status: str | None, reason: str | None = None):
+        self.proposal_id, self.action, self.status = proposal_id, action, status
+        if status is None:
+            message = f"proposal {proposal_id!r} does not exist"
+        else:
+            allowed, _ = TRANSITIONS.get(action, (frozenset(), ""))
+            message = (f"cannot {action} proposal {proposal_id}: it is {status}"
+                       + (f" ({action} needs {'/'.join(sorted(allowed))})" if allowed and status not in allowed else ""))
+        if reason:
+            message += f"; {reason}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class AutoApplySettings:
+    """Which PENDING proposals may be applied without a person (off by default)."""
+
+    enabled: bool = False
+    min_confidence: float = 0.9
+    target_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not MIN_AUTO_CONFIDENCE <= self.min_confidence <= 1.0:
+            raise ValueError(f"auto-apply min_confidence must be in [{MIN_AUTO_CONFIDENCE}, 1], got {self.min_confidence}")
+        unknown = set(self.target_types) - set(TARGET_TYPES)
+        if unknown:
+            raise ValueError(f"auto-apply target_types {sorted(unknown)} unknown; known: {list(TARGET_TYPES)}")
+
+
+@dataclass
+class TransitionResult:
+    proposal_id: str
+    action: str
+    actor: str
+    from_status: str
+    to_status: str
+    from_version: int | None = None
+    to_version: int | None = None
+
+    def summary(self) -> str:
+        text_ = f"{self.proposal_id}: {self.from_status} -> {self.to_status} by {self.actor}"
+        if self.to_version is not None:
+            text_ += f" (config version {self.from_version or '-'} -> {self.to_version})"
+        return text_
+
+
+@dataclass
+class InsertReport:
+    inserted: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)  # evidence hashes already PENDING
+
+
+def _race_window(proposal_id: str) -> None:
+    """Between the status check and the conditional UPDATE. A no-op; tests replace it to
+    hold two transactions here at once and prove the UPDATE, not the check, decides."""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _lock(conn: Connection, key: str) -> None:
+    """Serialize writers on one key. PostgreSQL: transaction advisory lock; SQLite already holds the DB lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+
+# ---------------------------------------------------------------------------
+# reads
+# ---------------------------------------------------------------------------
+
+
+def list_proposals(store: MetaStore, status: str | None = None) -> pd.DataFrame:
+    if status is not None and status.upper() not in STATUSES:
+        raise ValueError(f"unknown status {status!r}; known: {', '.join(STATUSES)}")
+    where, params = ("status = :s", {"s": status.upper()}) if status else (None, None)
+    return store.read(PROPOSALS_TABLE, where=where, params=params, order_by="created_at, proposal_id")
+
+
+def get_proposal(store: MetaStore, proposal_id: str) -> dict[str, Any]:
+    rows = store.read(PROPOSALS_TABLE, where="proposal_id = :i", params={"i": proposal_id})
+    if rows.empty:
+        raise ProposalError(proposal_id, "show", None)
+    return rows.iloc[0].to_dict()
+
+
+def change_log(store: MetaStore, proposal_id: str | None = None) -> pd.DataFrame:
+    where, params = ("proposal_id = :i", {"i": proposal_id}) if proposal_id else (None, None)
+    return store.read("config_change_log", where=where, params=params, order_by="id")
+
+
+def _active_row(conn: Connection, target_type: str, target_id: str) -> tuple[int, str] | None:
+    """(version, config_json text) of the target's active configs row, or None."""
+    row = conn.execute(
+        select(configs.c.version, configs.c.config_json)
+        .where(configs.c.target_type == target_type, configs.c.target_id == target_id, configs.c.active.is_(True))
+        .order_by(configs.c.version.desc()).limit(1)
+    ).first()
+    return None if row is None else (int(row.version), str(row.config_json))
+
+
+def active_config(store: MetaStore, target_type: str, target_id: str) -> tuple[int, dict] | None:
+    """(version, config) of the target's active configs row, or None."""
+    with store.read_conn() as conn:
+        row = _active_row(conn, target_type, target_id)
+    return None if row is None else (row[0], json.loads(row[1]))
+
+
+def active_configs(store: MetaStore) -> dict[tuple[str, str], dict]:
+    rows = store.read("configs", where="active = :a", params={"a": True}, columns=["target_type", "target_id", "config_json"])
+    return {(tt, tid): json.loads(cfg) for tt, tid, cfg in zip(rows["target_type"], rows["target_id"], rows["config_json"])}
+
+
+def current_meta_knobs(store: MetaStore, domain: str) -> tuple[dict[str, float], str]:
+    """The knobs a domain runs with: its active META_KNOBS config, else its controller state, else defaults."""
+    validate_domain(domain)
+    active = active_config(store, "META_KNOBS", domain)
+    if active is not None:
+        known = {k: v for k, v in active[1].items() if k in default_knobs()}
+        return clip_knobs(known), f"configs v{active[0]}"
+    state = store.read("controller_state", domain=domain, columns=["knobs_json"])
+    if len(state):
+        known = {k: v for k, v in json.loads(state["knobs_json"].iloc[0]).items() if k in default_knobs()}
+        return clip_knobs(known), "controller_state"
+    return default_knobs(), "defaults"
+
+
+# ---------------------------------------------------------------------------
+# insert (dedupe by evidence hash among PENDING)
+# ---------------------------------------------------------------------------
+
+_ID_RE = re.compile(r"^P(\d+)$")
+
+
+def insert_proposals(store: MetaStore, proposals: pd.DataFrame, now: datetime | None = None) -> InsertReport:
+    """Insert new PENDING proposals; one whose evidence_hash is already PENDING is skipped."""
+    report = InsertReport()
+    if proposals is None or proposals.empty:
+        return report
+    missing = set(PROPOSAL_COLUMNS) - set(proposals.columns)
+    if missing:
+        raise ValueError(f"proposals lack column(s) {sorted(missing)}")
+    bad_conf = ~proposals["confidence"].between(0.0, 1.0)
+    if bad_conf.any():
+        raise ValueError(f"confidence outside [0, 1] for {int(bad_conf.sum())} proposal(s)")
+    now = now or _now()
+    with store.write() as conn:
+        _lock(conn, "meta_controller_config_proposals:insert")  # two proposal runs never interleave
+        pending = set(conn.execute(select(_P.c.evidence_hash).where(_P.c.status == "PENDING")).scalars())
+        fresh = proposals[~proposals["evidence_hash"].isin(pending)].drop_duplicates("evidence_hash")
+        report.duplicates = sorted(set(proposals["evidence_hash"]) - set(fresh["evidence_hash"]))
+        if fresh.empty:
+            return report
+        ids = [m.group(1) for m in map(_ID_RE.match, conn.execute(select(_P.c.proposal_id)).scalars()) if m]
+        start = max((int(i) for i in ids), default=0) + 1
+        frame = fresh[PROPOSAL_COLUMNS].copy()
+        frame.insert(0, "proposal_id", [f"P{start + i:06d}" for i in range(len(frame))])
+        frame["created_at"] = now
+        frame["status"] = "PENDING"
+        frame["status_changed_at"] = now
+        insert_frame(conn, _P, frame)
+        report.inserted = frame["proposal_id"].tolist()
+    return report
+
+
+# ---------------------------------------------------------------------------
+# transitions
+# ---------------------------------------------------------------------------
+
+
+def transition(store: MetaStore, proposal_id: str, action: str, actor: str) -> TransitionResult:
+    """Run one lifecycle action in one transaction (see module doc). Raises ProposalError if illegal."""
+    if action not in TRANSITIONS:
+        raise ValueError(f"unknown action {action!r}; known: {', '.join(TRANSITIONS)}")
+    actor = (actor or "").strip()
+    if not actor:
+        raise ValueError("an actor (--by NAME) is required")
+    if (action == "auto_apply") != (actor.upper() == AUTO_ACTOR):
+        raise ValueError(f"actor {AUTO_ACTOR!r} is reserved for the auto-apply policy, and auto_apply is done only by it")
+    allowed, new_status = TRANSITIONS[action]
+    with store.write() as conn:
+        row = conn.execute(select(_P).where(_P.c.proposal_id == proposal_id)).mappings().first()
+        if row is None:
+            raise ProposalError(proposal_id, action, None)
+        if row["status"] not in allowed:
+            raise ProposalError(proposal_id, action, row["status"])
+        _race_window(proposal_id)
+        now = _now()
+        values: dict[str, Any] = {"status": new_status, "status_changed_at": now}
+        if action in ("approve", "reject", "auto_apply"):
+            values["reviewed_by"] = actor
+        changed = conn.execute(
+            update(_P).where(_P.c.proposal_id == proposal_id, _P.c.status == row["status"]).values(**values)
+        ).rowcount
+        if changed != 1:  # someone else moved it between our read and our update
+            current = conn.execute(select(_P.c.status).where(_P.c.proposal_id == proposal_id)).scalar()
+            raise ProposalError(proposal_id, action, current, "changed concurrently by someone else")
+        result = TransitionResult(proposal_id, action, actor, row["status"], new_status)
+        before = after = None
+        if action in ("apply", "auto_apply"):
+            result.from_version, result.to_version, before, after = _apply_config(conn, row, actor, now)
+            conn.execute(update(_P).where(_P.c.proposal_id == proposal_id).values(
+                applied_at=now, applied_by=actor, applied_config_version=result.to_version))
+        elif action == "revert":
+            result.from_version, result.to_version, before, after = _revert_config(conn, row, actor, now)
+        conn.execute(config_change_log.insert().values(
+            changed_at=now, proposal_id=proposal_id, action=action, actor=actor, target_type=row["target_type"],
+            target_id=row["target_id"], from_version=result.from_version, to_version=result.to_version,
+            before_json=before, after_json=after))
+    return result
+
+
+def _next_version(conn: Connection, target_type: str, target_id: str) -> int:
+    top = conn.execute(select(func.max(configs.c.version)).where(
+        configs.c.target_type == target_type, configs.c.target_id == target_id)).scalar()
+    return int(top or 0) + 1
+
+
+def _write_version(conn: Connection, row: Mapping, config_json: str, actor: str, now: datetime) -> int:
+    tt, tid = row["target_type"], row["target_id"]
+    version = _next_version(conn, tt, tid)
+    conn.execute(update(configs).where(configs.c.target_type == tt, configs.c.target_id == tid,
+                                       configs.c.active.is_(True)).values(active=False))
+    conn.execute(configs.insert().values(target_type=tt, target_id=tid, version=version, config_json=config_json,
+                                         active=True, created_at=now, created_by=actor, proposal_id=row["proposal_id"]))
+    return version
+
+
+def _apply_config(conn: Connection, row: Mapping, actor: str, now: datetime) -> tuple[int | None, int, str, str]:
+    tt, tid = row["target_type"], row["target_id"]
+    _lock(conn, f"configs:{tt}:{tid}")
+    active = _active_row(conn, tt, tid)
+    snapshot = json.loads(row["current_config_snapshot_json"])
+    if active is not None and canonical(json.loads(active[1])) != canonical(snapshot):
+        raise ProposalError(row["proposal_id"], "apply", row["status"],
+                            f"stale: {tt} {tid} is now at config version {active[0]}, which differs from the "
+                            "snapshot this proposal was made against; reject it and let the next run re-propose")
+    before = active[1] if active is not None else row["current_config_snapshot_json"]
+    version = _write_version(conn, row, row["proposed_config_json"], actor, now)
+    return (active[0] if active else None), version, before, row["proposed_config_json"]
+
+
+def _revert_config(conn: Connection, row: Mapping, actor: str, now: datetime) -> tuple[int, int, str, str]:
+    tt, tid = row["target_type"], row["target_id"]
+    _lock(conn, f"configs:{tt}:{tid}")
+    active = _active_row(conn, tt, tid)
+    applied = row["applied_config_version"]
+    # safe when what is active is what this proposal applied (that version, or a later one equal to it)
+    unchanged = active is not None and (
+        active[0] == applied or canonical(json.loads(active[1])) == canonical(json.loads(row["proposed_config_json"])))
+    if not unchanged:
+        now_at = "no active version" if active is None else f"version {active[0]} is active"
+        raise ProposalError(row["proposal_id"], "revert", row["status"],
+                            f"{tt} {tid}: {now_at} and differs from version {applied} that this proposal applied; "
+                            "revert the later change first")
+    # the snapshot text itself, byte for byte: revert restores exactly what was there
+    version = _write_version(conn, row, row["current_config_snapshot_json"], actor, now)
+    return active[0], version, active[1], row["current_config_snapshot_json"]
+
+
+def approve(store: MetaStore, proposal_id: str, by: str) -> TransitionResult:
+    return transition(store, proposal_id, "approve", by)
+
+
+def reject(store: MetaStore, proposal_id: str, by: str) -> TransitionResult:
+    return transition(store, proposal_id, "reject", by)
+
+
+def apply(store: MetaStore, proposal_id: str, by: str) -> TransitionResult:
+    return transition(store, proposal_id, "apply", by)
+
+
+def revert(store: MetaStore, proposal_id: str, by: str) -> TransitionResult:
+    return transition(store, proposal_id, "revert", by)
+
+
+def auto_apply(store: MetaStore, policy: AutoApplySettings, proposal_ids: Iterable[str] | None = None
+               ) -> tuple[list[TransitionResult], list[str]]:
+    """Apply PENDING proposals the policy allows (applied_by = AUTO); returns (applied, skipped messages)."""
+    if not policy.enabled or not policy.target_types:
+        return [], []
+    pending = list_proposals(store, "PENDING")
+    if proposal_ids is not None:
+        pending = pending[pending["proposal_id"].isin(list(proposal_ids))]
+    eligible = pending[(pending["confidence"] >= policy.min_confidence) & pending["target_type"].isin(policy.target_types)]
+    applied, skipped = [], []
+    for pid in eligible.sort_values("confidence", ascending=False)["proposal_id"]:
+        try:
+            applied.append(transition(store, pid, "auto_apply", AUTO_ACTOR))
+        except ProposalError as exc:  # e.g. stale after a stronger proposal for the same target was applied
+            skipped.append(str(exc))
+    return applied, skipped

@@ -1,0 +1,336 @@
+"""Diagnostics core against planted truth (synth), plus the `diagnostics` asset wiring."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from meta_pipeline import synth
+from meta_pipeline.contracts import ContractError, validate_telemetry, validate_trades
+from meta_pipeline.governance.diagnostics import (
+    DiagnosticsInputs,
+    DiagnosticsSettings,
+    compute_diagnostics,
+    override_firing,
+    override_worth,
+    permutation_mutual_information,
+)
+from meta_pipeline.knobs import KNOB_NAMES
+from meta_pipeline.store import MetaStore
+
+START = pd.Timestamp("2026-07-01", tz="UTC")
+
+
+# ---------------------------------------------------------------------------
+# helpers shared with test_proposals
+# ---------------------------------------------------------------------------
+
+
+def domain_frames(data: synth.DomainData) -> dict[str, pd.DataFrame]:
+    """A synth domain in the store's layout (all trades, so realized and backtest cover one window)."""
+    raw = synth.trades_contract_frame(data.trades)
+    batch = validate_trades(raw, np.arange(len(raw)) + 2, domain=data.domain, source="synth")
+    tel = validate_telemetry(data.telemetry, np.arange(len(data.telemetry)) + 2, domain=data.domain, source="synth")
+    return {"trades": batch.trades, "trade_patterns": batch.patterns, "trade_scope": batch.scope,
+            "trade_metrics": batch.metrics, "telemetry": tel.telemetry, "backtest_runs": data.backtests}
+
+
+def inputs_for(data: synth.DomainData, **extra) -> DiagnosticsInputs:
+    f = domain_frames(data)
+    return DiagnosticsInputs(domain=data.domain, trades=f["trades"], trade_patterns=f["trade_patterns"],
+                             trade_scope=f["trade_scope"], backtest_runs=f["backtest_runs"], telemetry=f["telemetry"],
+                             **extra)
+
+
+def load_fleet(store: MetaStore, fleet: synth.Fleet) -> None:
+    for data in fleet.domains.values():
+        for table, frame in domain_frames(data).items():
+            store.append(table, frame)
+
+
+def engine_telemetry(sensitivity: dict[str, float], *, n: int, seed: int, resource_coupling: float = 0.0,
+                     optimum: dict[str, float] | None = None) -> pd.DataFrame:
+    """SimEngine telemetry under random exploration, in the store layout (knob_<name>)."""
+    rng = np.random.default_rng(seed)
+    engine = synth.make_engine("d", rng)
+    engine.sensitivity = {k: float(sensitivity.get(k, 0.0)) for k in KNOB_NAMES}
+    engine.resource_coupling = resource_coupling
+    if optimum:
+        engine.optimum = optimum
+    tel = synth.simulate_telemetry(engine, synth.exploration_knobs(n, rng), start=START,
+                                   every=pd.Timedelta(minutes=5), rng=rng)
+    return tel.rename(columns={f"knob.{k}": f"knob_{k}" for k in KNOB_NAMES})
+
+
+def _tiny_trades() -> pd.DataFrame:
+    return pd.DataFrame({"trade_id": ["t1", "t2"], "regime": ["S0", "S0"], "strategy_id": ["a", "a"],
+                         "return_r": [0.1, 0.2]})
+
+
+# ---------------------------------------------------------------------------
+# knob importance
+# ---------------------------------------------------------------------------
+
+
+def test_knob_importance_finds_tau_and_nothing_else():
+    """Sensitivity only on tau, no resource coupling: tau first with p < 0.01, the rest look like noise."""
+    tel = engine_telemetry({"tau": 2.0}, n=400, seed=11)
+    result = compute_diagnostics(DiagnosticsInputs("d", _tiny_trades(), telemetry=tel))
+    imp = result.section("knob_importance").set_index("subject")
+    assert set(imp.index) == set(KNOB_NAMES)
+    assert imp["value"].idxmax() == "tau"
+    assert imp.loc["tau", "p_value"] < 0.01
+    others = imp.drop(index="tau")["p_value"]
+    # at α = 0.05 a null knob is "significant" 5 % of the time: allow at most one of five
+    assert (others <= 0.05).sum() <= 1, others.to_dict()
+    details = json.loads(imp.loc["tau", "details_json"])
+    assert details["n_permutations"] == DiagnosticsSettings().n_permutations >= 200
+    assert imp.loc["tau", "value"] > details["null_q99"]
+
+
+def test_permutation_p_values_are_uniform_under_the_null():
+    """No relation at all: the fraction of p ≤ 0.05 must be near 5 % (the test that noise is not signal)."""
+    rng = np.random.default_rng(3)
+    reps, n = 300, 150
+    x = rng.normal(size=(reps, n, 2))
+    y = rng.normal(size=(reps, n))
+    p = np.array([permutation_mutual_information(x[i], y[i], n_permutations=199, rng=rng)["p_value"]
+                  for i in range(reps)])
+    rate = (p <= 0.05).mean()
+    assert 0.02 <= rate <= 0.09, rate
+    # and a real dependence is found every time
+    strong = permutation_mutual_information(x[0], x[0][:, 0] ** 2 + 0.1 * y[0], n_permutations=199, rng=rng)
+    assert strong["p_value"][0] == pytest.approx(1 / 200)
+
+
+def test_best_region_points_towards_the_true_optimum():
+    optimum = {**{k: synth.KNOBS[k].default for k in KNOB_NAMES}, "tau": 0.85}
+    tel = engine_telemetry({"tau": 2.0}, n=400, seed=5, optimum=optimum)
+    current = {k: synth.KNOBS[k].default for k in KNOB_NAMES}  # tau 0.95, far from 0.85
+    result = compute_diagnostics(DiagnosticsInputs("d", _tiny_trades(), telemetry=tel, current_knobs=current))
+    region = result.section("knob_best_region").set_index("subject")
+    det = json.loads(region.loc["tau", "details_json"])
+    assert abs(det["proposed"] - 0.85) < abs(det["current"] - 0.85)
+    assert region.loc["tau", "value"] > 0 and region.loc["tau", "p_value"] < 0.001
+    assert region.loc["tau", "ci_low"] > 0
+
+
+# ---------------------------------------------------------------------------
+# performance and realized vs backtest against the planted strategy effect
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_domain() -> synth.DomainData:
+    return synth.generate_fleet(synth.FleetConfig(n_domains=1, seed=7, n_trades=4000)).domains["dom0"]
+
+
+def test_realized_vs_backtest_recovers_planted_strategy_effects(planted_domain):
+    result = compute_diagnostics(inputs_for(planted_domain))
+    cmp = result.section("realized_vs_backtest").set_index("subject")
+    truth = planted_domain.truth.strategy_effects
+    truth = truth.assign(subject=truth["strategy_id"] + "/" + truth["regime"]).set_index("subject")["effect"]
+    assert set(cmp.index) == set(truth.index)
+    # beta in S1 is the planted underperformer: a clear, significant shortfall
+    assert cmp.loc["beta/S1", "ci_high"] < 0
+    assert cmp.loc["beta/S1", "p_value"] < 1e-4
+    assert cmp["p_value"].idxmin() == "beta/S1"
+    # the 95 % intervals cover the planted effects (all but at most one of nine by chance)
+    covered = (cmp["ci_low"] <= truth[cmp.index]) & (truth[cmp.index] <= cmp["ci_high"])
+    assert covered.sum() >= 8, cmp[["value", "ci_low", "ci_high"]].assign(truth=truth)
+
+
+def test_performance_tables_match_the_trades(planted_domain):
+    f = domain_frames(planted_domain)
+    result = compute_diagnostics(inputs_for(planted_domain))
+    by_regime = result.section("by_regime").set_index("subject")
+    expected = f["trades"].groupby("regime")["return_r"].agg(["mean", "count"])
+    np.testing.assert_allclose(by_regime.loc[expected.index, "value"], expected["mean"])
+    assert (by_regime.loc[expected.index, "n"].to_numpy() == expected["count"].to_numpy()).all()
+    assert (by_regime["ci_low"] < by_regime["value"]).all() and (by_regime["value"] < by_regime["ci_high"]).all()
+    cells = result.section("by_strategy_regime")
+    assert len(cells) == 9 and cells.set_index("subject")["value"].idxmin() == "beta/S1"
+    fam = result.section("by_pattern_family").set_index("subject")
+    assert {f"F{i}" for i in range(6)} <= set(fam.index)
+    # a trade counts once per family however many of its members fired
+    pats = f["trade_patterns"].assign(family=f["trade_patterns"]["pattern"].str.split(".").str[0])
+    assert fam.loc["F0", "n"] == pats[pats["family"] == "F0"]["trade_id"].nunique()
+
+
+def test_pattern_family_counts_a_trade_once():
+    trades = pd.DataFrame({"trade_id": ["a", "b", "c"], "regime": "S0", "strategy_id": "s", "return_r": [1.0, 3.0, 5.0]})
+    patterns = pd.DataFrame({"trade_id": ["a", "a", "b", "c"], "pattern": ["F1.x", "F1.y", "F1.x", "N0.noise"]})
+    fam = compute_diagnostics(DiagnosticsInputs("d", trades, trade_patterns=patterns)).section("by_pattern_family")
+    f1 = fam.set_index("subject").loc["F1"]
+    assert f1["n"] == 2 and f1["value"] == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------------------
+# overrides
+# ---------------------------------------------------------------------------
+
+
+def _override_case():
+    trades = pd.DataFrame({
+        "trade_id": ["t1", "t2", "t3", "t4", "t5"],
+        "regime": ["S0", "S1", "S0", "S0", "S1"],
+        "strategy_id": "s",
+        "return_r": [1.0, 2.0, -1.0, 0.5, 0.0],
+    })
+    patterns = pd.DataFrame({"trade_id": ["t1", "t2", "t3", "t4", "t5", "t5"],
+                             "pattern": ["P.a", "P.a", "P.a", "Q.b", "Q.b", "P.a"]})
+    scope = pd.DataFrame({"trade_id": ["t1", "t2", "t3", "t1", "t5"],
+                          "key": ["chain", "chain", "chain", "size", "chain"],
+                          "value": ["solana", "solana", "base", "micro", "solana"]})
+    overrides = pd.DataFrame({
+        "lesson_key": ["P.a|chain=solana", "P.a|chain=solana,size=micro", "Q.b|", "P.a|"],
+        "pattern": ["P.a", "P.a", "Q.b", "P.a"],
+        "scope_json": [json.dumps({"chain": "solana"}), json.dumps({"chain": "solana", "size": "micro"}), "{}", "{}"],
+        "regime": [None, None, None, "S1"],
+        "edge": [0.3, 0.4, 0.1, 0.2],
+        "latent_factor_id": ["f1", "f1", "f2", "f1"],
+    })
+    return trades, patterns, scope, overrides
+
+
+def test_override_firing_matches_pattern_scope_and_regime():
+    trades, patterns, scope, overrides = _override_case()
+    fired = override_firing(trades, patterns, scope, overrides)
+    got = {i: sorted(fired.loc[fired["override_idx"] == i, "trade_id"]) for i in range(len(overrides))}
+    assert got == {
+        0: ["t1", "t2", "t5"],  # P.a fired and chain=solana (t3 is on base)
+        1: ["t1"],  # needs both keys
+        2: ["t4", "t5"],  # no scope, any regime
+        3: ["t2", "t5"],  # regime S1 only
+    }
+    worth = override_worth(trades, fired, overrides, 0.95)
+    # uplift = mean(fired) − mean(not fired): override 0 fired on 1, 2, 0 vs −1, 0.5
+    assert worth.loc[0, "uplift"] == pytest.approx(1.0 - (-0.25))
+    assert worth.loc[0, "fire_rate"] == pytest.approx(3 / 5)
+
+
+def test_override_sections_and_churn():
+    trades, patterns, scope, overrides = _override_case()
+    previous = ["P.a|chain=solana@*", "OLD|@*"]
+    result = compute_diagnostics(DiagnosticsInputs("d", trades, trade_patterns=patterns, trade_scope=scope,
+                                                   pm_overrides=overrides, previous_override_keys=previous))
+    ov = result.section("overrides")
+    share = ov[ov["subject"] == "all"]["value"].iloc[0]
+    assert share == pytest.approx(5 / 5 - 1 / 5)  # t3 fires nothing
+    churn = result.section("override_churn").iloc[0]
+    # now: 4 identities; before: 2; common: 1 → |A△B| = 4, |A∪B| = 5
+    assert churn["value"] == pytest.approx(4 / 5)
+    assert json.loads(churn["details_json"])["removed"] == ["OLD|@*"]
+
+
+def test_no_overrides_is_said_not_guessed():
+    trades, patterns, scope, _ = _override_case()
+    result = compute_diagnostics(DiagnosticsInputs("d", trades, trade_patterns=patterns, trade_scope=scope))
+    assert result.section("overrides").empty
+    assert any("no pm_overrides" in n for n in result.notes)
+
+
+# ---------------------------------------------------------------------------
+# nearest configurations, degradation, bad input
+# ---------------------------------------------------------------------------
+
+
+def test_nearest_configs_come_from_similar_conditions():
+    rng = np.random.default_rng(0)
+    n = 200
+    ts = START + pd.to_timedelta(np.arange(n) * 5, unit="min")
+    high = np.arange(n) % 2 == 0  # two regimes of conditions, alternating
+    tel = pd.DataFrame({
+        "ts": ts,
+        "gain_p50": rng.normal(0.03, 0.005, n),
+        "stability_mean": np.where(high, 0.9, 0.5) + rng.normal(0, 0.01, n),
+        "vram_utilization": np.where(high, 0.3, 0.8) + rng.normal(0, 0.01, n),
+        "latency_ms": np.where(high, 80, 300) + rng.normal(0, 5, n),
+        **{f"knob_{k}": rng.uniform(synth.KNOBS[k].low, synth.KNOBS[k].high, n) for k in KNOB_NAMES},
+    })
+    # the last 20 ticks are all "high" conditions
+    tel.loc[n - 20:, ["stability_mean", "vram_utilization", "latency_ms"]] = [0.9, 0.3, 80.0]
+    result = compute_diagnostics(DiagnosticsInputs("d", _tiny_trades(), telemetry=tel))
+    near = result.section("nearest_configs")
+    neighbours = near[near["subject"].str.startswith("neighbour")]
+    assert len(neighbours) == DiagnosticsSettings().knn_top
+    idx = [int(np.flatnonzero(tel["ts"] == pd.Timestamp(json.loads(d)["ts"]))[0]) for d in neighbours["details_json"]]
+    assert all(high[i] for i in idx) and max(idx) < n - 20
+    assert neighbours["value"].is_monotonic_decreasing
+    assert set(json.loads(neighbours["details_json"].iloc[0])["knobs"]) == set(KNOB_NAMES)
+
+
+def test_trades_only_degrades_gracefully_and_says_so():
+    trades = _tiny_trades()
+    result = compute_diagnostics(DiagnosticsInputs("d", trades))
+    assert set(result.rows["section"]) == {"inputs", "by_regime", "by_strategy", "by_strategy_regime"}
+    joined = " ".join(result.notes)
+    for word in ("backtest_runs", "pm_overrides", "telemetry", "global-prior", "controller_state", "trade_patterns"):
+        assert word in joined
+    inputs = result.section("inputs").set_index("subject")
+    assert inputs.loc["trades", "value"] == 2 and inputs.loc["telemetry", "value"] == 0
+
+
+def test_bad_inputs_are_rejected_or_skipped_clearly():
+    with pytest.raises(ValueError, match="return_r"):
+        compute_diagnostics(DiagnosticsInputs("d", _tiny_trades().drop(columns=["return_r"])))
+    runs = pd.DataFrame({"run_id": ["r1", "r2"], "strategy_id": ["a", "a"], "regime": ["S0", "S0"],
+                         "metrics_json": ["not json", json.dumps({"mean_return_r": 0.1, "std_return_r": 1.0,
+                                                                  "n_trades": 100})]})
+    result = compute_diagnostics(DiagnosticsInputs("d", _tiny_trades(), backtest_runs=runs))
+    assert any("1 backtest run(s) lack" in n for n in result.notes)
+    assert len(result.section("realized_vs_backtest")) == 1  # the good run is still used
+
+
+# ---------------------------------------------------------------------------
+# the asset
+# ---------------------------------------------------------------------------
+
+
+def test_diagnostics_asset_writes_partition_and_reports(tmp_path):
+    from meta_pipeline.defs.governance.orchestrator import diagnostics
+
+    store = MetaStore(db_url=f"sqlite:///{tmp_path}/t.db")
+    fleet = synth.generate_fleet(synth.FleetConfig(n_domains=2, seed=2, n_trades=2000, telemetry_ticks=200))
+    load_fleet(store, fleet)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("domain", ["dom0", "dom1", "Bad Name"])
+    for domain in ("dom0", "dom1"):
+        result = dg.materialize([diagnostics], instance=instance, resources={"store": store}, partition_key=domain)
+        assert result.success
+    md = result.asset_materializations_for_node("diagnostics")[0].metadata
+    assert md["dagster/row_count"].value == store.count("diagnostics", domain="dom1") > 0
+    assert "knob_importance_plot" in md and "realized_vs_backtest_plot" in md
+    assert "beta/S1" in md["key_findings"].value
+    assert "no pm_overrides" in md["notes"].value
+    before = store.read("diagnostics")
+    # idempotent: a re-run replaces exactly the partition
+    dg.materialize([diagnostics], instance=instance, resources={"store": store}, partition_key="dom0")
+    assert store.count("diagnostics", domain="dom0") == (before["domain"] == "dom0").sum()
+    # an invalid partition key is rejected clearly and nothing else is lost
+    bad = dg.materialize([diagnostics], instance=instance, resources={"store": store}, partition_key="Bad Name",
+                         raise_on_error=False)
+    assert not bad.success
+    failure = [e for e in bad.all_events if e.is_step_failure][0]
+    assert "invalid domain name" in failure.step_failure_data.error.cause.message or \
+        "invalid domain name" in failure.step_failure_data.error.message
+    assert store.count("diagnostics") == len(before)
+    with pytest.raises(ContractError):
+        store.read("diagnostics", domain="Bad Name")
+
+
+def test_controller_state_and_drift_from_approved_config():
+    knobs = {**{k: synth.KNOBS[k].default for k in KNOB_NAMES}, "tau": 0.8}
+    state = pd.DataFrame([{"knobs_json": json.dumps(knobs), "cooldowns_json": "{}", "reward_ema": 0.6,
+                           "rollbacks": 2, "decisions": 40}])
+    approved = {k: synth.KNOBS[k].default for k in KNOB_NAMES}  # tau 0.95
+    result = compute_diagnostics(DiagnosticsInputs("d", _tiny_trades(), controller_state=state, approved_knobs=approved))
+    ctl = result.section("controller").set_index("metric")
+    assert ctl.loc["rollbacks", "value"] == 2 and ctl.loc["decisions", "value"] == 40
+    # only tau differs, by (0.95 − 0.8) / (0.99 − 0.8) in unit space; RMS over 6 knobs
+    expected = ((0.95 - 0.8) / 0.19) / np.sqrt(len(KNOB_NAMES))
+    assert ctl.loc["drift_from_config", "value"] == pytest.approx(expected)
