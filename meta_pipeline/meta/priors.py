@@ -1,0 +1,536 @@
+"""Knob priors: per-domain priors from telemetry, the cross-domain global prior, and the
+few-shot warm start of a new domain. Pure numpy/pandas, no Dagster.
+
+Everything cross-domain happens in the knobs' unit space (``knobs_to_unit``: each knob
+mapped to [0, 1] by its bounds), so a knob with a wide range does not dominate one with
+a narrow range; results are mapped back with ``unit_to_knobs`` (clipped to bounds, int
+knobs rounded, bool knobs thresholded at ½).
+
+Per domain (``domain_priors``), for each knob seen in the telemetry:
+
+* ``mean`` / ``std`` — the reward-weighted distribution of the knob's values. Weights are
+  ``softmax(z / temperature)`` with ``z`` the tick's reward standardized within the
+  domain: scale-free (a domain whose rewards are all shifted or scaled gets the same
+  weights) and smooth (no hard cut-off). Temperature ½ gives a tick one reward-σ above
+  average e² ≈ 7.4× the weight of an average tick.
+* ``best_value`` — where the knob's reward is highest. Estimated from a separable
+  quadratic response surface ``reward ≈ a + Σ_k b_k·u_k + c_k·u_k²`` fitted jointly over
+  all varying knobs (so a knob correlated with another one is not credited with its
+  effect). When a knob's curvature is significantly negative (t < −2) its optimum is the
+  vertex ``−b/(2c)``, clipped to the range actually observed (no extrapolation). Else —
+  a flat or monotone response, too few ticks, bool knobs without a significant effect —
+  the robust fallback is the mean knob value over the top-decile reward ticks (at least
+  ``min_top`` ticks). A bool knob with a significant linear effect takes 1 or 0.
+  Column ``best_method`` says which estimate was used (``vertex``, ``sign``, ``top``).
+* ``best_reward`` — mean reward of the top-decile ticks (observed, not extrapolated);
+  ``reward_mean`` — mean reward of all the knob's ticks; ``n_obs`` — ticks that report
+  the knob.
+
+Global prior (``aggregate_global_prior``), per domain d a vector θ_d (its ``best_value``s
+in unit space) and a weight
+
+    w_d ∝ m_d · exp(s_d / β),   s_d = log n_d + κ·(r_d − median r),   m_d = exp(−D_d / σ)
+
+which is the maximiser of ``Σ_d w_d·s_d + β·H(w | m)`` over the simplex (entropy
+relative to the shift-based measure m). ``n_d`` is the domain's evidence (ticks), ``r_d``
+its best reward, ``D_d`` its median domain-shift distance to the other domains and σ the
+fleet's median of those. β = 1 makes weights evidence-proportional; the default β = 2
+gives ``w ∝ √n``, so one domain with 100× the ticks of each other domain counts 10×, not
+100×; β → 0 gives all weight to the top-scoring domain; β → ∞ gives equal weights.
+Then robust outlier filtering per knob: a domain whose θ_{d,k} has robust z
+``|θ − median| / max(1.4826·MAD, floor) > outlier_z`` is excluded from that knob's
+mean; a domain excluded on at least half the knobs is dropped altogether. The weighted
+mean per knob is the Reptile target; the first version IS that mean, later versions
+move ``θ ← θ + ε·(target − θ)`` (``reptile.reptile_step``) with ε annealed linearly over
+versions (``reptile.annealed_epsilon``), so the prior settles instead of chasing every
+new batch.
+
+Few-shot warm start (``warm_start_prior``): once a new domain has a little telemetry,
+its shift distance to each known domain tells which domains it resembles. The prior
+it starts from blends the global prior with the distance-weighted mean of its k nearest
+domains' priors: ``θ = (1−λ)·θ_global + λ·θ_knn``, ``λ = λ_max·(1 − d̄_knn / d̄_all)``,
+so λ is 0 when the nearest domains are no closer than the fleet at large (nothing to
+gain over the global prior) and approaches λ_max when they are near-identical.
+
+Early negative-transfer check (``early_negative_transfer``): the global prior records
+the lowest best reward among the domains it was built from (``expected_reward_low``). A
+new domain whose first rewards at the prior fall clearly below it (beyond a margin and
+two noise standard errors) is not like any of them: drop the prior, tune from scratch.
+It needs 2 ticks, where the controller's own guard needs its exploration window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit, unit_to_knobs
+from meta_pipeline.meta.reptile import annealed_epsilon, reptile_step
+
+PRIOR_COLUMNS = ["knob", "mean", "std", "n_obs", "best_value", "best_reward", "reward_mean"]
+CENTERS = ("best_value", "mean")
+TELEMETRY_OUTCOMES = ("gain_p50", "stability_mean", "vram_utilization", "latency_ms")
+
+
+# ---------------------------------------------------------------------------
+# Per-domain priors
+# ---------------------------------------------------------------------------
+
+
+def knob_column(telemetry: pd.DataFrame, name: str) -> str | None:
+    """The telemetry column holding a knob: store layout ``knob_<name>`` or file layout ``knob.<name>``."""
+    for col in (f"knob_{name}", f"knob.{name}"):
+        if col in telemetry.columns:
+            return col
+    return None
+
+
+def telemetry_reward(telemetry: pd.DataFrame) -> np.ndarray:
+    """The meta-reward of each tick (NaN where an outcome is missing)."""
+    missing = [c for c in TELEMETRY_OUTCOMES if c not in telemetry.columns]
+    if missing:
+        raise ValueError(f"telemetry lacks column(s) {missing}")
+    cols = {c: pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in TELEMETRY_OUTCOMES}
+    return np.asarray(meta_reward(**cols), dtype=float).reshape(-1)
+
+
+def reward_weights(reward: np.ndarray, temperature: float = 0.5) -> np.ndarray:
+    """softmax(z / temperature) of the within-sample standardized reward; sums to 1."""
+    r = np.asarray(reward, dtype=float)
+    if r.size == 0:
+        return r
+    sd = r.std()
+    if not np.isfinite(sd) or sd < 1e-12:
+        return np.full(r.size, 1.0 / r.size)  # no reward signal: every tick counts the same
+    z = (r - r.mean()) / sd
+    logits = z / max(float(temperature), 1e-9)
+    w = np.exp(logits - logits.max())
+    return w / w.sum()
+
+
+def _top_rows(reward: np.ndarray, top_fraction: float, min_top: int) -> np.ndarray:
+    n = reward.size
+    k = min(n, max(int(min_top), int(math.ceil(top_fraction * n))))
+    return np.argsort(-reward, kind="stable")[:k]
+
+
+def _quadratic_optima(u: np.ndarray, reward: np.ndarray, kinds: list[str], min_ticks_per_param: int = 4):
+    """Joint separable quadratic fit of reward on unit-space knobs (rows complete).
+
+    Returns (value, method) per column: the vertex where curvature is significantly
+    negative, 1/0 for a bool with a significant linear effect, else NaN ("top" fallback).
+    """
+    n, k = u.shape
+    values = np.full(k, np.nan)
+    methods = ["top"] * k
+    varying = np.flatnonzero(u.std(axis=0) > 1e-6)
+    n_params = 1 + sum(1 if kinds[j] == "bool" else 2 for j in varying)
+    if varying.size == 0 or n < max(12, min_ticks_per_param * n_params):
+        return values, methods
+    center = u.mean(axis=0)
+    cols, index = [np.ones(n)], []  # index: (knob j, "lin"|"sq")
+    for j in varying:
+        x = u[:, j] - center[j]
+        cols.append(x)
+        index.append((j, "lin"))
+        if kinds[j] != "bool":  # for a 0/1 column x² is collinear with x
+            cols.append(x * x)
+            index.append((j, "sq"))
+    X = np.column_stack(cols)
+    gram = X.T @ X + 1e-8 * n * np.eye(X.shape[1])  # tiny ridge: near-collinear knobs stay solvable
+    beta = np.linalg.solve(gram, X.T @ reward)
+    resid = reward - X @ beta
+    dof = max(n - X.shape[1], 1)
+    cov = (resid @ resid / dof) * np.linalg.inv(gram)
+    se = np.sqrt(np.maximum(np.diag(cov), 1e-300))
+    t = beta / se
+    pos = {key: i + 1 for i, key in enumerate(index)}
+    for j in varying:
+        b, t_b = beta[pos[(j, "lin")]], t[pos[(j, "lin")]]
+        if kinds[j] == "bool":
+            if abs(t_b) > 2.0:
+                values[j], methods[j] = (1.0 if b > 0 else 0.0), "sign"
+            continue
+        c, t_c = beta[pos[(j, "sq")]], t[pos[(j, "sq")]]
+        if c < 0 and t_c < -2.0:
+            vertex = center[j] - b / (2.0 * c)
+            values[j] = float(np.clip(vertex, u[:, j].min(), u[:, j].max()))
+            methods[j] = "vertex"
+    return values, methods
+
+
+def domain_priors(
+    telemetry_df: pd.DataFrame,
+    *,
+    temperature: float = 0.5,
+    top_fraction: float = 0.1,
+    min_top: int = 5,
+) -> pd.DataFrame:
+    """Per knob, the reward-weighted distribution of its values in one domain's telemetry.
+
+    Columns: PRIOR_COLUMNS + ``best_method``; one row per knob that at least one tick
+    reports (knobs never reported have no row). Values are in knob units. An empty
+    telemetry frame gives an empty frame with these columns.
+    """
+    out_cols = [*PRIOR_COLUMNS, "best_method"]
+    if telemetry_df is None or len(telemetry_df) == 0:
+        return pd.DataFrame(columns=out_cols)
+    reward = telemetry_reward(telemetry_df)
+    names = [n for n in KNOB_NAMES if knob_column(telemetry_df, n) is not None]
+    values = np.column_stack(
+        [pd.to_numeric(telemetry_df[knob_column(telemetry_df, n)], errors="coerce").to_numpy(float) for n in names]
+    ) if names else np.empty((len(telemetry_df), 0))
+    unit = np.column_stack([(values[:, j] - KNOBS[n].low) / (KNOBS[n].high - KNOBS[n].low)
+                            for j, n in enumerate(names)]) if names else values
+    ok_reward = np.isfinite(reward)
+
+    # the response surface uses ticks where the reward and every reported knob are known
+    reported = [j for j in range(len(names)) if np.isfinite(values[ok_reward, j]).any()]
+    complete = ok_reward & np.isfinite(values[:, reported]).all(axis=1) if reported else ok_reward
+    vertex = np.full(len(names), np.nan)
+    methods = ["top"] * len(names)
+    if reported and complete.sum() > 0:
+        v, m = _quadratic_optima(unit[np.ix_(complete, reported)], reward[complete],
+                                 [KNOBS[names[j]].kind for j in reported])
+        for i, j in enumerate(reported):
+            vertex[j], methods[j] = v[i], m[i]
+
+    rows = []
+    for j, name in enumerate(names):
+        ok = ok_reward & np.isfinite(values[:, j])
+        if not ok.any():
+            continue
+        x, r = values[ok, j], reward[ok]
+        w = reward_weights(r, temperature)
+        mean = float(w @ x)
+        std = float(np.sqrt(max(w @ (x - mean) ** 2, 0.0)))
+        top = _top_rows(r, top_fraction, min_top)
+        spec = KNOBS[name]
+        if np.isfinite(vertex[j]):
+            best, method = spec.low + vertex[j] * (spec.high - spec.low), methods[j]
+        else:
+            best, method = float(x[top].mean()), "top"
+        rows.append(
+            {
+                "knob": name,
+                "mean": mean,
+                "std": std,
+                "n_obs": int(ok.sum()),
+                "best_value": float(best),
+                "best_reward": float(r[top].mean()),
+                "reward_mean": float(r.mean()),
+                "best_method": method,
+            }
+        )
+    return pd.DataFrame(rows, columns=out_cols)
+
+
+def priors_by_domain(priors_long: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Split the ``domain_priors`` table (a ``domain`` column) into one frame per domain."""
+    if priors_long is None or priors_long.empty:
+        return {}
+    return {str(d): g.drop(columns="domain").reset_index(drop=True) for d, g in priors_long.groupby("domain", sort=True)}
+
+
+def prior_vector(prior_df: pd.DataFrame, center: str = "best_value") -> np.ndarray:
+    """A domain prior as a unit-space vector in KNOB_NAMES order (NaN for knobs it lacks)."""
+    if center not in CENTERS:
+        raise ValueError(f"center must be one of {CENTERS}")
+    out = np.full(len(KNOB_NAMES), np.nan)
+    if prior_df is None or prior_df.empty:
+        return out
+    by_knob = prior_df.set_index("knob")[center]
+    for j, name in enumerate(KNOB_NAMES):
+        if name in by_knob.index and np.isfinite(by_knob[name]):
+            out[j] = float(np.clip(KNOBS[name].to_unit(by_knob[name]), 0.0, 1.0))
+    return out
+
+
+def _evidence(prior_df: pd.DataFrame) -> float:
+    return float(prior_df["n_obs"].max()) if prior_df is not None and len(prior_df) else 0.0
+
+
+def _best_reward(prior_df: pd.DataFrame) -> float:
+    if prior_df is None or prior_df.empty or "best_reward" not in prior_df:
+        return float("nan")
+    r = pd.to_numeric(prior_df["best_reward"], errors="coerce").to_numpy(float)
+    r = r[np.isfinite(r)]
+    return float(r.mean()) if r.size else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Global prior
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GlobalPriorConfig:
+    """Knobs of the aggregation (see the module docstring for the formula)."""
+
+    beta: float = 2.0  # entropy temperature: 1 = evidence-proportional, larger = flatter, 0 = argmax
+    reward_coef: float = 5.0  # κ: a domain whose best reward is 0.1 higher scores +0.5
+    outlier_z: float = 3.5  # robust z above which a domain's knob value is excluded
+    mad_floor: float = 0.05  # unit-space floor on 1.4826·MAD, so near-identical domains do not make
+    #                          every small difference an "outlier"
+    outlier_domain_fraction: float = 0.5  # excluded on ≥ this share of knobs → domain dropped
+    min_domains_for_outliers: int = 3  # with fewer domains nobody can be told apart as the odd one
+    shift_sigma: float | None = None  # scale of exp(−D/σ); None = the fleet's median distance
+    eps0: float = 0.5  # Reptile step of version 2
+    eps_min: float = 0.1  # floor the step anneals to
+    anneal_versions: int = 20  # versions over which ε goes from eps0 to eps_min
+    center: str = "best_value"  # which per-domain estimate is θ_d
+
+    def __post_init__(self) -> None:
+        if self.beta < 0 or not np.isfinite(self.beta):
+            raise ValueError("beta must be finite and >= 0")
+        if self.center not in CENTERS:
+            raise ValueError(f"center must be one of {CENTERS}")
+        if not (0 <= self.eps_min <= self.eps0 <= 1):
+            raise ValueError("need 0 <= eps_min <= eps0 <= 1")
+
+
+def entropy_weights(scores: np.ndarray, beta: float, base_measure: np.ndarray | None = None) -> np.ndarray:
+    """argmax_w Σ w·s + β·H(w | m) over the simplex = m·exp(s/β), normalized.
+
+    β = 0 puts all weight on the best score (ties share it).
+    """
+    s = np.asarray(scores, dtype=float)
+    m = np.ones_like(s) if base_measure is None else np.asarray(base_measure, dtype=float)
+    if s.size == 0:
+        return s
+    if beta == 0:
+        allowed = m > 0
+        if not allowed.any():
+            raise ValueError("every domain has zero base weight")
+        best = allowed & (s == s[allowed].max())
+        return best / best.sum()
+    allowed = m > 0
+    if not allowed.any():
+        raise ValueError("every domain has zero base weight")
+    logits = np.where(allowed, s / beta + np.log(np.where(allowed, m, 1.0)), -np.inf)
+    w = np.exp(logits - logits[allowed].max())  # exactly 0 where m = 0 (a dropped domain)
+    return w / w.sum()
+
+
+def robust_z(values: np.ndarray, mad_floor: float) -> np.ndarray:
+    """|x − median| / max(1.4826·MAD, floor) per column, ignoring NaN (NaN stays NaN)."""
+    med = np.nanmedian(values, axis=0)
+    mad = 1.4826 * np.nanmedian(np.abs(values - med), axis=0)
+    return np.abs(values - med) / np.maximum(mad, mad_floor)
+
+
+def _shift_per_domain(shift_distances: Any, domains: list[str]) -> np.ndarray:
+    """Accept a square pairwise frame, a Series/Mapping domain→distance, or None."""
+    if shift_distances is None:
+        return np.full(len(domains), np.nan)
+    if isinstance(shift_distances, pd.DataFrame):
+        names = [d for d in domains if d in shift_distances.index]
+        sub = shift_distances.loc[names, names].to_numpy(float).copy()
+        if len(names) > 1:
+            np.fill_diagonal(sub, np.nan)
+            rest = dict(zip(names, np.nanmedian(sub, axis=1)))
+        else:
+            rest = {n: 0.0 for n in names}
+        return np.array([rest.get(d, np.nan) for d in domains], dtype=float)
+    mapping = dict(shift_distances.items()) if hasattr(shift_distances, "items") else dict(shift_distances)
+    return np.array([float(mapping.get(d, np.nan)) for d in domains], dtype=float)
+
+
+def aggregate_global_prior(
+    domain_priors_by_domain: Mapping[str, pd.DataFrame],
+    shift_distances: pd.DataFrame | pd.Series | Mapping[str, float] | None,
+    previous_theta: Mapping[str, float] | None,
+    version: int,
+    config: GlobalPriorConfig | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Aggregate domain priors into global prior ``version`` (1 = first).
+
+    ``previous_theta``: the previous version's knob values (preferably the continuous
+    ``details["theta_continuous"]`` of that version, so int/bool rounding does not stall
+    the Reptile step); ignored for version 1. Returns (knob → bounded value, details).
+    Raises ValueError when no domain has a usable prior.
+    """
+    cfg = config or GlobalPriorConfig()
+    if version < 1:
+        raise ValueError("version must be >= 1")
+    domains = sorted(d for d, p in domain_priors_by_domain.items() if p is not None and len(p))
+    if not domains:
+        raise ValueError("no domain has a prior: materialize domain_priors for at least one domain with telemetry")
+    theta_d = np.vstack([prior_vector(domain_priors_by_domain[d], cfg.center) for d in domains])  # D × K
+    n_obs = np.array([_evidence(domain_priors_by_domain[d]) for d in domains])
+    best_r = np.array([_best_reward(domain_priors_by_domain[d]) for d in domains])
+
+    # evidence and reward score
+    r_centered = np.where(np.isfinite(best_r), best_r - np.nanmedian(best_r) if np.isfinite(best_r).any() else 0.0, 0.0)
+    scores = np.log(np.maximum(n_obs, 1.0)) + cfg.reward_coef * r_centered
+
+    # shift: far-from-the-rest domains weigh less; unknown distance = neutral (the median)
+    dist = _shift_per_domain(shift_distances, domains)
+    known = np.isfinite(dist)
+    med_d = float(np.median(dist[known])) if known.any() else 0.0
+    dist_filled = np.where(known, dist, med_d)
+    sigma = cfg.shift_sigma if cfg.shift_sigma is not None else (med_d if med_d > 1e-12 else 1.0)
+    # relative to the closest domain: only ratios matter, and this cannot underflow to all-zero
+    shift_w = np.exp(-(dist_filled - dist_filled.min()) / sigma)
+
+    # robust outlier filtering per knob, in unit space
+    if len(domains) >= cfg.min_domains_for_outliers:
+        z = robust_z(theta_d, cfg.mad_floor)
+        excluded = np.nan_to_num(z, nan=0.0) > cfg.outlier_z
+    else:
+        z = np.zeros_like(theta_d)
+        excluded = np.zeros_like(theta_d, dtype=bool)
+    n_reported = np.isfinite(theta_d).sum(axis=1)
+    dropped = excluded.sum(axis=1) >= cfg.outlier_domain_fraction * np.maximum(n_reported, 1)
+    dropped &= excluded.any(axis=1)
+    if dropped.all():  # cannot drop everyone: then nobody is an outlier
+        dropped[:] = False
+
+    weights = entropy_weights(scores, cfg.beta, shift_w * (~dropped))
+    per_knob = weights[:, None] * (~excluded) * np.isfinite(theta_d)
+    col_sum = per_knob.sum(axis=0)
+    # a knob nobody reports keeps the previous value (or its default on version 1)
+    fallback = knobs_to_unit(previous_theta) if previous_theta else knobs_to_unit({})
+    target = np.where(
+        col_sum > 0,
+        np.nansum(per_knob * np.nan_to_num(theta_d), axis=0) / np.where(col_sum > 0, col_sum, 1.0),
+        fallback,
+    )
+
+    if version == 1 or not previous_theta:
+        epsilon = 1.0  # first version: the weighted mean itself
+        theta_unit = target.copy()
+    else:
+        epsilon = annealed_epsilon(version - 2, cfg.eps0, cfg.eps_min, cfg.anneal_versions)
+        prev_unit = np.array([KNOBS[n].to_unit(previous_theta.get(n, KNOBS[n].default)) for n in KNOB_NAMES])
+        theta_unit = reptile_step(prev_unit, target[None, :], epsilon)
+    theta_unit = np.clip(theta_unit, 0.0, 1.0)
+    theta = unit_to_knobs(theta_unit)
+    continuous = {n: KNOBS[n].low + u * (KNOBS[n].high - KNOBS[n].low) for n, u in zip(KNOB_NAMES, theta_unit)}
+
+    # what the prior should deliver: the included domains' best observed reward (for the
+    # early negative-transfer check of a domain that starts from this prior)
+    included = (weights > 0) & np.isfinite(best_r)
+    expected = float(np.sum(weights[included] * best_r[included]) / weights[included].sum()) if included.any() else None
+    expected_low = float(best_r[included].min()) if included.any() else None
+
+    details = {
+        "version": int(version),
+        "expected_reward": expected,
+        "expected_reward_low": expected_low,
+        "epsilon": float(epsilon),
+        "n_domains": int((weights > 0).sum()),
+        "config": asdict(cfg),
+        "shift_sigma": float(sigma),
+        "target_unit": dict(zip(KNOB_NAMES, map(float, target))),
+        "theta_unit": dict(zip(KNOB_NAMES, map(float, theta_unit))),
+        "theta_continuous": {k: float(v) for k, v in continuous.items()},
+        "domains": {
+            d: {
+                "weight": float(weights[i]),
+                "n_obs": int(n_obs[i]),
+                "best_reward": None if not np.isfinite(best_r[i]) else float(best_r[i]),
+                "score": float(scores[i]),
+                "shift_distance": None if not known[i] else float(dist[i]),
+                "shift_weight": float(shift_w[i]),
+                "outlier": bool(dropped[i]),
+                "outlier_knobs": [KNOB_NAMES[k] for k in np.flatnonzero(excluded[i])],
+                "max_robust_z": float(np.nanmax(z[i])) if np.isfinite(z[i]).any() else None,
+            }
+            for i, d in enumerate(domains)
+        },
+    }
+    return theta, details
+
+
+# ---------------------------------------------------------------------------
+# Few-shot warm start
+# ---------------------------------------------------------------------------
+
+
+def warm_start_prior(
+    global_theta: Mapping[str, float] | None,
+    domain_priors_by_domain: Mapping[str, pd.DataFrame],
+    shift_distances_to_new: pd.Series | Mapping[str, float] | None,
+    k: int = 3,
+    *,
+    lambda_max: float = 0.7,
+    center: str = "best_value",
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The prior a new domain starts from: the global prior blended toward its k nearest domains.
+
+    ``shift_distances_to_new``: distance from the new domain's first telemetry to each
+    known domain (``shift.distances_to_new``). With no distances (no telemetry yet) or no
+    known domain priors, returns the global prior unchanged (λ = 0). With no global prior,
+    the nearest domains' mean is blended with the knob defaults instead.
+    """
+    base_unit = knobs_to_unit(global_theta or {})
+    dist = pd.Series(dict(shift_distances_to_new.items()) if shift_distances_to_new is not None else {}, dtype=float)
+    usable = [d for d in dist.index if d in domain_priors_by_domain and len(domain_priors_by_domain[d])
+              and np.isfinite(dist[d])]
+    details: dict[str, Any] = {"lambda": 0.0, "neighbours": {}, "k": int(k)}
+    if not usable or k < 1:
+        return unit_to_knobs(base_unit), details
+    dist = dist[usable].sort_values(kind="stable")
+    near = dist.iloc[: int(k)]
+    mean_all = float(dist.mean())
+    sigma = mean_all if mean_all > 1e-12 else 1.0
+    a = np.exp(-near.to_numpy() / sigma)
+    vectors = np.vstack([prior_vector(domain_priors_by_domain[d], center) for d in near.index])
+    have = np.isfinite(vectors) * a[:, None]
+    knn = np.where(have.sum(0) > 0, np.nansum(np.nan_to_num(vectors) * have, axis=0) / np.maximum(have.sum(0), 1e-300),
+                   base_unit)
+    contrast = 0.0 if mean_all <= 1e-12 else float(np.clip(1.0 - near.mean() / mean_all, 0.0, 1.0))
+    lam = float(lambda_max * contrast)
+    blended = (1.0 - lam) * base_unit + lam * knn
+    details.update(
+        {
+            "lambda": lam,
+            "contrast": contrast,
+            "neighbours": {d: {"distance": float(near[d]), "weight": float(w / a.sum())} for d, w in zip(near.index, a)},
+            "knn_unit": dict(zip(KNOB_NAMES, map(float, knn))),
+        }
+    )
+    return unit_to_knobs(blended), details
+
+
+# ---------------------------------------------------------------------------
+# Early negative-transfer check
+# ---------------------------------------------------------------------------
+
+
+def early_negative_transfer(
+    observed_rewards: np.ndarray,
+    expected_reward_low: float | None,
+    *,
+    noise_sd: float = 0.05,
+    margin: float = 0.05,
+    min_ticks: int = 2,
+) -> tuple[bool, str]:
+    """Is the prior hurting a new domain, judged from its first rewards at the prior's point?
+
+    The global prior records the lowest best-reward among the domains it was built from
+    (``details["expected_reward_low"]``): what running at the prior delivered at worst in
+    the fleet. A new domain whose first ``n ≥ min_ticks`` rewards at the prior average
+    below ``expected_low − margin − 2·noise_sd/√n`` does not behave like any domain the
+    prior came from: drop the prior and start from scratch. Complements the controller's
+    guard, which needs ``negative_transfer_window`` decisions of own exploration first.
+    A domain that merely has a lower reward level also trips it; the cost is only the
+    warm-start benefit (it then tunes from scratch), never a worse policy.
+    """
+    r = np.asarray(observed_rewards, dtype=float)
+    r = r[np.isfinite(r)]
+    if expected_reward_low is None or r.size < min_ticks:
+        return False, f"not judged: {r.size} tick(s) at the prior (need {min_ticks}) or no expectation"
+    threshold = float(expected_reward_low) - margin - 2.0 * noise_sd / math.sqrt(r.size)
+    mean = float(r.mean())
+    if mean < threshold:
+        return True, (f"negative transfer: mean reward {mean:.4f} over the first {r.size} ticks at the prior is below "
+                      f"{threshold:.4f} (fleet's lowest best reward {expected_reward_low:.4f} − margin {margin} − 2σ/√n)")
+    return False, f"prior holds: mean reward {mean:.4f} ≥ {threshold:.4f}"
