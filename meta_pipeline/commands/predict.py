@@ -19,6 +19,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ContractError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    skipped = result.attrs.get("quarantine")
+    if skipped is not None and len(skipped):
+        print(f"warning: {len(skipped)} row(s) skipped for breaking the contract, first: line "
+              f"{skipped['line'].iloc[0]}: {skipped['reason'].iloc[0]}", file=sys.stderr)
     out = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
         result[["trade_id", "edge"]].to_csv(out, index=False, float_format="%.6g")

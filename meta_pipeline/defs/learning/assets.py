@@ -1,0 +1,388 @@
+"""The learning jobs as assets, one per table, partitioned by domain.
+
+Each asset reads its inputs from the store, calls one core function from
+``meta_pipeline.learning``, replaces its table's rows for the domain (one transaction)
+and describes the result. Assets talk through the store (``deps``, no IO managers):
+
+    trades ─┬─ lessons ─┬─ edge_history ── half_life_fits ─┐
+            │           └─ latent_factors ─────────────────┼─ pm_overrides
+            └─ regime_weights ─────────────────────────────┘
+
+``learning_lessons.latent_factor_id`` is written by ``latent_factors``: it writes the
+``latent_factors`` table and rewrites the domain's lessons with their factor ids in the
+same transaction, so the two tables never disagree. (``lessons`` writes the column
+empty: factors need the lessons first.)
+
+``now`` for the overrides is the domain's newest trade (the time the data describes),
+not the wall clock: re-materializing the same data gives the same rows.
+"""
+
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from meta_pipeline.learning import factors as factors_core
+from meta_pipeline.learning import halflife as halflife_core
+from meta_pipeline.learning import lessons as lessons_core
+from meta_pipeline.learning import overrides as overrides_core
+from meta_pipeline.learning import regime as regime_core
+from meta_pipeline.resources import current_knobs, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.store import MetaStore
+
+GROUP = "learning"
+TRADE_COLUMNS = ["trade_id", "closed_at", "regime", "strategy_id", "return_r"]
+
+
+# ---------------------------------------------------------------------------
+# store reads shared by the assets
+# ---------------------------------------------------------------------------
+
+
+def _read_trades(store: MetaStore, domain: str) -> pd.DataFrame:
+    # a fixed order: trade positions are the incidence's trade_idx, runs must agree
+    return store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by="closed_at, trade_id").reset_index(
+        drop=True
+    )
+
+
+def _read_source(store: MetaStore, domain: str, *tables: str) -> list[pd.DataFrame]:
+    columns = {
+        "trade_patterns": ["trade_id", "pattern"],
+        "trade_scope": ["trade_id", "key", "value"],
+        "trade_metrics": ["trade_id", "metric", "value"],
+    }
+    return [store.read(t, domain=domain, columns=columns[t]) for t in tables]
+
+
+def _stored(df: pd.DataFrame, table_columns: list[str]) -> pd.DataFrame:
+    """Only the table's columns; ±inf (unbounded CI ends) stored as null: SQL floats are finite."""
+    out = df[[c for c in table_columns if c in df.columns]].copy()
+    for col in out.columns:
+        if pd.api.types.is_float_dtype(out[col]):
+            out[col] = out[col].where(np.isfinite(out[col].to_numpy(dtype=float)), np.nan)
+    return out
+
+
+def _knob_metadata(knobs: dict[str, float], source: str) -> dict[str, dg.MetadataValue]:
+    return {"knobs_source": dg.MetadataValue.text(source), "knobs": dg.MetadataValue.json(knobs)}
+
+
+# ---------------------------------------------------------------------------
+# lessons
+# ---------------------------------------------------------------------------
+
+LESSON_TABLE_COLUMNS = [c for c in lessons_core.LESSON_COLUMNS]
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=["trades"],
+    kinds={"pandas", "sql"},
+    description=(
+        "Lessons mined from a domain's closed trades: every pattern at every subset (up to 2 keys) of the "
+        "trade's scope, with support ≥ 30; n, mean edge, sd, s.e. and lower confidence bound "
+        "(mean − lambda_ci·1.96·se, lambda_ci from the knobs). Table learning_lessons."
+    ),
+)
+def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    knobs, source = current_knobs(store, domain)
+    trades = _read_trades(store, domain)
+    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs["lambda_ci"]))
+    written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
+    top = mined.reindex(mined["edge_lcb"].abs().sort_values(ascending=False).index) if len(mined) else mined
+    if mined.empty:
+        context.log.warning(f"domain {domain!r}: no lesson reaches the minimum support ({len(trades)} trades)")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(written),
+            "trades": dg.MetadataValue.int(len(trades)),
+            "patterns": dg.MetadataValue.int(int(mined["pattern"].nunique()) if len(mined) else 0),
+            "incidence_pairs": dg.MetadataValue.int(len(incidence)),
+            "by_scope_keys": dg.MetadataValue.json(
+                {str(k): int(v) for k, v in mined["n_scope_keys"].value_counts().sort_index().items()}
+            ),
+            "top_lessons_by_lcb": table_preview(
+                top[["lesson_key", "n", "edge_mean", "edge_se", "edge_lcb", "first_seen", "last_seen"]]
+            ),
+            **_knob_metadata(knobs, source),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------
+# edge history and half-lives
+# ---------------------------------------------------------------------------
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=["trades", lessons],
+    kinds={"pandas", "sql"},
+    description=(
+        "Per lesson and day with trades: n, edge and its s.e. The edge of a bucket is the lesson's mean return "
+        "minus the same-day mean of all trades at the lesson's scope (its lift), so co-firing lessons and "
+        "domain-wide drift are not mistaken for decay. Table learning_edge_history."
+    ),
+)
+def edge_history(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    stored_lessons = store.read("learning_lessons", domain=domain)
+    trades = _read_trades(store, domain)
+    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    history = lessons_core.compute_edge_history(stored_lessons, trades, patterns, scope)
+    written = store.replace_partition("learning_edge_history", domain, _stored(history, lessons_core.EDGE_HISTORY_COLUMNS))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": dg.MetadataValue.int(written),
+            "lessons": dg.MetadataValue.int(int(history["lesson_key"].nunique()) if len(history) else 0),
+            "buckets": dg.MetadataValue.int(int(history["bucket_start"].nunique()) if len(history) else 0),
+            "first_bucket": dg.MetadataValue.text(str(history["bucket_start"].min()) if len(history) else "-"),
+            "last_bucket": dg.MetadataValue.text(str(history["bucket_start"].max()) if len(history) else "-"),
+            "preview": table_preview(history),
+        }
+    )
+
+
+def _decay_figure(history: pd.DataFrame, fits: pd.DataFrame, domain: str, n_top: int = 6) -> Figure | None:
+    """Edge history of the best-evidenced lessons with their fitted curve e0·exp(−λ(t − t_ref))."""
+    usable = fits[fits["state"] != "insufficient_data"]
+    if usable.empty or history.empty:
+        return None
+    # most trades first, one lesson per pattern so the panels show different things
+    pick = usable.assign(pattern=usable["lesson_key"].str.split("|").str[0]).sort_values(
+        ["n_trades", "lesson_key"], ascending=[False, True]
+    ).drop_duplicates("pattern").head(n_top)
+    fig = Figure(figsize=(12, 6.5))
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    for ax, fit in zip(axes, pick.itertuples(index=False)):
+        h = history[history["lesson_key"] == fit.lesson_key].sort_values("bucket_start")
+        mid = h["bucket_start"] + pd.Timedelta(hours=12)
+        ax.errorbar(mid, h["edge_mean"], yerr=h["edge_se"].fillna(0.0), fmt=".", ms=3, alpha=0.5, color="tab:blue")
+        grid = pd.date_range(h["bucket_start"].min(), h["bucket_start"].max() + pd.Timedelta(days=1), periods=100)
+        hours = (grid - pd.Timestamp(fit.t_ref)) / pd.Timedelta(hours=1)
+        ax.plot(grid, fit.e0 * np.exp(-fit.decay_rate_per_hour * hours), color="tab:red", lw=1.8)
+        hl = f", t½ = {fit.half_life_hours / 24:.1f} d" if np.isfinite(fit.half_life_hours or np.nan) else ""
+        ax.set_title(f"{fit.lesson_key}\n{fit.state}{hl}", fontsize=8)
+        ax.axhline(0.0, color="gray", lw=0.6)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(pick):]:
+        ax.set_axis_off()
+    fig.autofmt_xdate()
+    fig.suptitle(f"{domain}: edge (lift over its scope's same-day mean) by day, fitted decay in red")
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=[edge_history],
+    kinds={"numpy", "sql"},
+    description=(
+        "Per lesson: fitted edge(t) = e0·exp(−λt) over its edge history (all lessons at once, profile-likelihood "
+        "CI of λ), half-life ln2/λ with CI, and the state decaying / stable / improving / insufficient_data. "
+        "Table half_life_fits (an unbounded CI end is stored as null)."
+    ),
+)
+def half_life_fits(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    history = store.read("learning_edge_history", domain=domain)
+    fits = halflife_core.fit_half_lives(history)
+    written = store.replace_partition("half_life_fits", domain, _stored(fits, halflife_core.OUTPUT_COLUMNS))
+    states = {str(k): int(v) for k, v in fits["state"].value_counts().items()} if len(fits) else {}
+    metadata = {
+        "dagster/row_count": dg.MetadataValue.int(written),
+        "states": dg.MetadataValue.json(states),
+        "median_half_life_days": dg.MetadataValue.float(
+            float(np.nanmedian(fits["half_life_hours"]) / 24.0) if (fits["state"] == "decaying").any() else float("nan")
+        ),
+        "decaying": table_preview(
+            fits[fits["state"] == "decaying"].sort_values("n_trades", ascending=False)[
+                ["lesson_key", "e0", "half_life_hours", "half_life_ci_low", "half_life_ci_high", "n_buckets", "n_trades"]
+            ]
+        ),
+    }
+    fig = _decay_figure(history, fits, domain)
+    if fig is not None:
+        metadata["edge_history_with_fits"] = plot_metadata(fig, "edge history with fitted decay")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+# ---------------------------------------------------------------------------
+# latent factors
+# ---------------------------------------------------------------------------
+
+
+def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figure:
+    sizes = factors.drop_duplicates("latent_factor_id").sort_values(["factor_size", "latent_factor_id"], ascending=[False, True])
+    sizes = sizes.head(n_top).iloc[::-1]
+    fig = Figure(figsize=(8, 0.3 * len(sizes) + 1.5))
+    ax = fig.subplots()
+    ax.barh(sizes["latent_factor_id"], sizes["factor_size"], color="tab:purple")
+    ax.set_xlabel("lessons in the factor")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_title(f"{domain}: latent factors ({factors['latent_factor_id'].nunique()} in all, largest {len(sizes)})")
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=["trades", lessons],
+    kinds={"scipy", "sql"},
+    description=(
+        "Lessons that are one bet under different names or scopes, linked by Jaccard (co-firing patterns) or "
+        "containment (nested scopes) of their trade sets, from the sparse co-occurrence product; a factor is a "
+        "connected component. Writes latent_factors and fills learning_lessons.latent_factor_id in one transaction."
+    ),
+)
+def latent_factors(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    stored_lessons = store.read("learning_lessons", domain=domain)
+    trades = _read_trades(store, domain)
+    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    factors = factors_core.compute_latent_factors(stored_lessons, trades, patterns, scope)
+    with_ids = stored_lessons.drop(columns=["latent_factor_id", "domain"]).merge(
+        factors[["lesson_key", "latent_factor_id"]], on="lesson_key", how="left"
+    )
+    with store.write() as conn:  # both tables or neither
+        written = store.replace_partition("latent_factors", domain, factors, conn=conn)
+        store.replace_partition("learning_lessons", domain, _stored(with_ids, LESSON_TABLE_COLUMNS), conn=conn)
+    sizes = factors.drop_duplicates("latent_factor_id")["factor_size"] if len(factors) else pd.Series(dtype=int)
+    metadata = {
+        "dagster/row_count": dg.MetadataValue.int(written),
+        "factors": dg.MetadataValue.int(int(factors["latent_factor_id"].nunique()) if len(factors) else 0),
+        "singletons": dg.MetadataValue.int(int((sizes == 1).sum())),
+        "largest_factor": dg.MetadataValue.int(int(sizes.max()) if len(sizes) else 0),
+        "factors_preview": table_preview(
+            factors.drop_duplicates("latent_factor_id").sort_values("factor_size", ascending=False)
+        ),
+    }
+    if len(factors):
+        metadata["factor_sizes"] = plot_metadata(_factor_figure(factors, domain), "factor sizes")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+# ---------------------------------------------------------------------------
+# regime weights
+# ---------------------------------------------------------------------------
+
+
+def _weights_figure(weights: pd.DataFrame, domain: str) -> Figure:
+    grid = weights.pivot(index="regime", columns="metric", values="weight")
+    fig = Figure(figsize=(1.4 * grid.shape[1] + 2.5, 0.6 * grid.shape[0] + 2))
+    ax = fig.subplots()
+    bound = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
+    image = ax.imshow(grid.to_numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=25, ha="right", fontsize=8)
+    pooled = weights.drop_duplicates("regime").set_index("regime")["pooled"]
+    ax.set_yticks(range(grid.shape[0]), [f"{r}{' (pooled)' if pooled.get(r, False) else ''}" for r in grid.index])
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="weight per 1 sd of the metric")
+    ax.set_title(f"{domain}: regime × metric weights (alpha={weights['alpha'].iloc[0]:g})")
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=["trades"],
+    kinds={"numpy", "sql"},
+    description=(
+        "Per regime: ridge regression of return_r on the standardized metrics, pooled toward the all-regime "
+        "weights, alpha by forward-chaining (time-ordered) CV; regimes with too few trades use the all-regime "
+        "weights (pooled = true). Table learning_regime_weights; weight applies to (metric − center)/scale."
+    ),
+)
+def regime_weights(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    trades = _read_trades(store, domain)
+    (metrics,) = _read_source(store, domain, "trade_metrics")
+    weights = regime_core.fit_regime_weights(trades, metrics)
+    written = store.replace_partition("learning_regime_weights", domain, weights)
+    metadata = {
+        "dagster/row_count": dg.MetadataValue.int(written),
+        "regimes": dg.MetadataValue.int(int(weights["regime"].nunique()) if len(weights) else 0),
+        "pooled_regimes": dg.MetadataValue.json(
+            sorted(weights.loc[weights["pooled"].astype(bool), "regime"].unique().tolist()) if len(weights) else []
+        ),
+        "alpha": dg.MetadataValue.float(float(weights["alpha"].iloc[0]) if len(weights) else float("nan")),
+        "weights": table_preview(weights.drop(columns=["note"]), max_rows=40),
+    }
+    if len(weights):
+        metadata["weights_heatmap"] = plot_metadata(_weights_figure(weights, domain), "regime weights")
+    return dg.MaterializeResult(metadata=metadata)
+
+
+# ---------------------------------------------------------------------------
+# pm_overrides
+# ---------------------------------------------------------------------------
+
+
+def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> Figure:
+    rows = overrides.assign(label=overrides["lesson_key"] + overrides["regime"].map(lambda r: f" [{r}]" if pd.notna(r) else ""))
+    rows = rows.reindex(rows["edge"].abs().sort_values(ascending=False).index).head(n_top).iloc[::-1]
+    codes, names = pd.factorize(rows["latent_factor_id"])
+    colors = np.array([f"C{i % 10}" for i in range(len(names))])[codes] if len(rows) else []
+    fig = Figure(figsize=(9, 0.3 * len(rows) + 1.6))
+    ax = fig.subplots()
+    ax.barh(rows["label"], rows["edge"], color=colors)
+    ax.axvline(0.0, color="gray", lw=0.8)
+    ax.set_xlabel("override edge at now (R), colour = latent factor")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(f"{domain}: pm_overrides ({len(overrides)} rows, {overrides['latent_factor_id'].nunique()} factors)")
+    fig.tight_layout()
+    return fig
+
+
+@dg.asset(
+    partitions_def=domain_partitions,
+    group_name=GROUP,
+    deps=["trades", lessons, half_life_fits, latent_factors, regime_weights],
+    kinds={"numpy", "sql"},
+    description=(
+        "The overrides engines apply: per latent factor the lessons whose edge really lives at their scope "
+        "(joint least squares under the engine's one-override-per-factor rule), decayed by the fitted half-life "
+        "to now, net of the regime metric term when tier2 is on, |edge| ≥ g_min, ≤ tier3_topk lessons per factor. "
+        "Each row's source_json names its lessons, fits and knobs. Table pm_overrides."
+    ),
+)
+def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+    domain = partition_domain(context)
+    knobs, source = current_knobs(store, domain)
+    stored_lessons = store.read("learning_lessons", domain=domain)
+    fits = store.read("half_life_fits", domain=domain)
+    factors = store.read("latent_factors", domain=domain)
+    weights = store.read("learning_regime_weights", domain=domain)
+    trades = _read_trades(store, domain)
+    patterns, scope, metrics = _read_source(store, domain, "trade_patterns", "trade_scope", "trade_metrics")
+    now = trades["closed_at"].max() if len(trades) else pd.Timestamp.now(tz="UTC")
+    overrides = overrides_core.materialize_overrides(
+        stored_lessons, fits, factors, weights, trades, patterns, scope, metrics, knobs=knobs, now=now
+    )
+    written = store.replace_partition("pm_overrides", domain, overrides)
+    metadata = {
+        "dagster/row_count": dg.MetadataValue.int(written),
+        "factors_with_overrides": dg.MetadataValue.int(int(overrides["latent_factor_id"].nunique()) if len(overrides) else 0),
+        "lessons_considered": dg.MetadataValue.int(len(stored_lessons)),
+        "regime_specific_rows": dg.MetadataValue.int(int(overrides["regime"].notna().sum()) if len(overrides) else 0),
+        "now": dg.MetadataValue.text(str(now)),
+        "overrides": table_preview(overrides.drop(columns=["source_json", "scope_json"]), max_rows=30),
+        **_knob_metadata(knobs, source),
+    }
+    if len(overrides):
+        metadata["override_edges"] = plot_metadata(_overrides_figure(overrides, domain), "override edges")
+        first = json.loads(overrides["source_json"].iloc[0])
+        metadata["example_source_json"] = dg.MetadataValue.json(first)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,642 @@
+"""pm_overrides: the lessons an engine should act on, and the edge it should expect from each.
+
+How an engine applies the overrides (DESIGN, "How an engine applies the overrides"),
+implemented by :func:`predict`: for each latent factor, take the most specific override
+(most scope keys) whose pattern fired on the trade and whose scope and regime match it
+(ties: larger support, then lesson_key; a regime-specific row before an any-regime row
+of the same lesson — never both are emitted here); the trade's edge is the sum over
+factors, plus, when ``tier2_enabled``, Σ_m weight[regime, m]·(metric_m − center)/scale.
+
+How the overrides are chosen (:func:`materialize_overrides`) — credit assignment
+------------------------------------------------------------------------------
+That rule makes the prediction an additive model: each trade gets one value per factor,
+from the one override that wins it. So the overrides are fitted *as that model*, jointly
+over all factors, by least squares on the training trades:
+
+* **target** ``y = return_r − metric term`` when tier2 is on (predict adds the metric
+  term per trade, so subtracting it per trade is the exact "no double counting" — the
+  lesson's mean metric contribution is removed, regime by regime), else ``return_r``.
+* **design**: trade i, override o: ``x_io = s_o(t_i)`` if o is the override that wins i
+  in o's factor, else 0, with ``s_o(t) = exp(−λ_o (t − now))`` the lesson's fitted
+  decay shape (λ from half_life_fits; 0 unless the fit says decaying/improving). The
+  coefficient is then the edge *at now*: the fitted half-life decays it from the
+  data to now, while the amplitude is re-estimated jointly. For a lesson alone in its
+  factor with no overlaps this is the fit's ``e0·exp(−λ (now − t_ref))``.
+* Because a trade's value in a factor comes from exactly one override, a parent
+  lesson's coefficient is the edge of the trades *not* covered by its more specific
+  overrides; and because all factors are fitted together, a pattern that merely
+  co-fires with another factor's edge gets nothing (its raw mean would).
+
+Which lessons become overrides is forward-backward stepwise selection, vectorized
+across factors (each round adds at most one lesson per factor):
+
+* forward: a candidate lesson would take the trades where it outranks the factor's
+  current winner; its evidence is the score test of the current residual on exactly
+  those trades (``z = Σ r s / (σ √Σ s²)``) — i.e. "does its edge differ significantly
+  from what those trades get now" (for a child scope: from its parent's). Enter if
+  |z| ≥ ``z_enter`` (default: Bonferroni over the lessons at level ``alpha``), at most
+  ``tier3_topk`` lessons per factor. The same test per regime (domain-wide regime
+  offsets removed) lets a lesson whose edge differs by regime — even one that averages
+  to nothing — enter as one row per regime;
+* backward: after each joint refit drop overrides whose |coef/se| < ``z_keep`` (a
+  lesson's regime rows jointly, by their Wald χ²) — e.g. a parent that only carried its
+  child's edge — and never re-add them; regime rows whose edges no longer differ are
+  merged back into one any-regime row;
+* regime split (when ``regime_split``): a selected override whose residuals differ
+  across regimes beyond the domain-wide regime offsets (χ² test, Bonferroni) is replaced
+  by one row per regime (all its regimes, never together with an any-regime row);
+* ``g_min``: rows with |edge| < g_min are dropped, and the rest refitted (≤ 3 times).
+
+tau — staleness shrink
+----------------------
+``edge = coef × tau^(days from the lesson's last trade to now)``. The fitted half-life
+already carries the decay the data shows; tau (∈ [0.8, 0.99]) is the extra per-day
+retention for a lesson that has stopped receiving trades while the domain kept trading
+(nothing observed ⇒ trust fades). It is 1 for a lesson seen at ``now`` and never
+amplifies. Improving lessons (λ < 0) are not extrapolated beyond
+``max_growth`` × their value at their last trade.
+
+valid_until: when ``|edge|·exp(−max(λ,0)·h)·tau^(h/24)`` would fall below g_min
+(h = hours after now), capped at ``horizon_hours``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from scipy import sparse, stats
+
+from meta_pipeline.learning.lessons import check_trades_frame, dense_groups, match_lessons
+from meta_pipeline.learning.regime import metric_term
+
+__all__ = [
+    "OVERRIDE_COLUMNS",
+    "materialize_overrides",
+    "predict",
+    "predict_sum_all_lessons",
+]
+
+OVERRIDE_COLUMNS = [
+    "latent_factor_id",
+    "lesson_key",
+    "pattern",
+    "scope_json",
+    "n_scope_keys",
+    "regime",
+    "edge",
+    "support",
+    "valid_until",
+    "source_json",
+]
+_HOUR = pd.Timedelta(hours=1)
+_MAX_EXP = 50.0  # clip of decay exponents: keeps shapes finite for absurd fits
+
+
+def _empty_overrides() -> pd.DataFrame:
+    out = pd.DataFrame({c: pd.Series(dtype=object) for c in OVERRIDE_COLUMNS})
+    out["n_scope_keys"] = pd.Series(dtype=np.int64)
+    out["support"] = pd.Series(dtype=np.int64)
+    out["edge"] = pd.Series(dtype=float)
+    out["valid_until"] = pd.Series(dtype="datetime64[ns, UTC]")
+    return out
+
+
+def _utc(ts: object) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _hours_since(values: pd.Series | np.ndarray, now: pd.Timestamp) -> np.ndarray:
+    return ((pd.to_datetime(pd.Series(values), utc=True) - now) / _HOUR).to_numpy(dtype=float)
+
+
+class _Problem:
+    """The fitting problem: lesson × trade pairs with factor, priority and decay shape."""
+
+    def __init__(
+        self,
+        lessons: pd.DataFrame,
+        lesson_trades: pd.DataFrame,
+        y: np.ndarray,
+        regime_code: np.ndarray,
+        n_regimes: int,
+        lam: np.ndarray,
+        anchor: np.ndarray,
+        t_hours: np.ndarray,
+    ) -> None:
+        self.n_les = len(lessons)
+        self.n_trades = len(y)
+        self.n_regimes = n_regimes
+        self.y = y
+        self.regime = regime_code
+        self.factor_code, self.factor_names = pd.factorize(lessons["latent_factor_id"].astype(str), sort=True)
+        # priority = the predict rule's order within a factor: more scope keys, then
+        # larger support, then lesson_key (lower rank wins)
+        order = np.lexsort(
+            (
+                lessons["lesson_key"].astype(str).to_numpy(),
+                -lessons["n"].to_numpy(np.int64),
+                -lessons["n_scope_keys"].to_numpy(np.int64),
+            )
+        )
+        self.prio_of_lesson = np.empty(self.n_les, dtype=np.int64)
+        self.prio_of_lesson[order] = np.arange(self.n_les)
+
+        self.li = lesson_trades["lesson_idx"].to_numpy(np.int64)
+        self.ti = lesson_trades["trade_idx"].to_numpy(np.int64)
+        self.pf = self.factor_code[self.li].astype(np.int64)
+        self.prio = self.prio_of_lesson[self.li]
+        expo = np.clip(-lam[self.li] * (t_hours[self.ti] - anchor[self.li]), -_MAX_EXP, _MAX_EXP)
+        self.s = np.exp(expo)
+        # (factor, trade) cells: at most one override per cell; pairs pre-sorted by
+        # (cell, priority) once, so any selection's winners are a masked first-of-group
+        self.cell_inv = dense_groups(self.pf * self.n_trades + self.ti)[1]
+        self.n_cells = int(self.cell_inv.max()) + 1 if self.cell_inv.size else 0
+        self.order = np.argsort(self.cell_inv * max(self.n_les, 1) + self.prio)  # keys are unique
+        self.lesson_regime = self.li * n_regimes + regime_code[self.ti]  # flat (lesson, regime) per pair
+
+    # -- rows: (lesson, regime or -1 = any) -----------------------------------
+    def pair_rows(self, any_row: np.ndarray, reg_row: np.ndarray) -> np.ndarray:
+        """Row that each pair would use (-1: the lesson has no row for the trade's regime)."""
+        row = any_row[self.li]
+        if (reg_row >= 0).any():  # a lesson never has both an any-regime and regime rows
+            row = np.maximum(row, reg_row.ravel()[self.lesson_regime])
+        return row
+
+    def winners(self, pair_row: np.ndarray) -> np.ndarray:
+        """Indices of the pairs that win their (factor, trade) cell under the predict rule."""
+        ordered = self.order[pair_row[self.order] >= 0]
+        if ordered.size == 0:
+            return ordered
+        cells = self.cell_inv[ordered]
+        first = np.ones(ordered.size, dtype=bool)
+        first[1:] = cells[1:] != cells[:-1]
+        return ordered[first]
+
+    def fit(self, win: np.ndarray, pair_row: np.ndarray, n_rows: int, ridge: float) -> dict:
+        """Joint least squares of the target on the winning overrides' decay shapes."""
+        rows = pair_row[win]
+        x = sparse.csr_matrix((self.s[win], (self.ti[win], rows)), shape=(self.n_trades, n_rows))
+        gram = (x.T @ x).toarray() + ridge * np.eye(n_rows)
+        rhs = x.T @ self.y
+        cov_unscaled = np.linalg.pinv(gram) if n_rows else np.zeros((0, 0))
+        coef = cov_unscaled @ rhs if n_rows else np.zeros(0)
+        resid = self.y - x @ coef
+        dof = max(self.n_trades - n_rows, 1)
+        sigma2 = float(resid @ resid) / dof
+        se = np.sqrt(np.maximum(np.diag(cov_unscaled), 0.0) * sigma2)
+        return {
+            "coef": coef,
+            "se": se,
+            "resid": resid,
+            "sigma": math.sqrt(max(sigma2, 1e-300)),
+            "n_credited": np.bincount(rows, minlength=n_rows),
+        }
+
+
+def _chi2_logsf(x: np.ndarray, df: np.ndarray | int) -> np.ndarray:
+    """log P(χ²_df > x), finite far in the tail (scipy's logsf underflows to −inf there).
+
+    1 df exactly through the normal tail; more df through Wilson–Hilferty where scipy
+    underflows. Ranking candidates by it keeps a z of 90 ahead of a z of 50.
+    """
+    x = np.asarray(x, dtype=float)
+    df = np.broadcast_to(np.asarray(df, dtype=float), x.shape)
+    out = np.asarray(stats.chi2.logsf(x, df), dtype=float)
+    one = df == 1
+    out = np.where(one, math.log(2.0) + stats.norm.logsf(np.sqrt(np.maximum(x, 0.0))), out)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        k = df[bad]
+        z = ((np.maximum(x[bad], 0.0) / k) ** (1.0 / 3.0) - (1.0 - 2.0 / (9.0 * k))) / np.sqrt(2.0 / (9.0 * k))
+        out[bad] = stats.norm.logsf(z)
+    return out
+
+
+def _forward_candidates(
+    prob: _Problem, result: dict, cand: np.ndarray, log_p_enter: float, by_regime: bool
+) -> list[tuple[int, np.ndarray | None]]:
+    """The best entering lesson per factor: (lesson, None) for an any-regime row, or
+    (lesson, regimes) for one row per regime.
+
+    A candidate takes the pairs ``cand`` (where it would outrank the current winner).
+    Its evidence is the score test of the current residual on those trades: one common
+    edge (χ², 1 df), or — when ``by_regime`` — one edge per regime (χ², R df, after
+    removing the domain-wide regime offsets of the residual, which no lesson owns); the
+    per-regime form is used only when the regimes differ significantly (χ², R−1 df) and
+    it is the stronger evidence. Ranking by log p-value keeps huge effects comparable.
+    """
+    n_les, n_reg = prob.n_les, prob.n_regimes
+    li_c, ti_c, s_c = prob.li[cand], prob.ti[cand], prob.s[cand]
+    resid = result["resid"]
+    sigma2 = result["sigma"] ** 2
+    g = np.bincount(li_c, resid[ti_c] * s_c, n_les)
+    d = np.bincount(li_c, s_c**2, n_les)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi_any = np.where(d > 0, g * g / d, 0.0) / sigma2
+    log_p = _chi2_logsf(chi_any, 1)
+    regimes_of: dict[int, np.ndarray] = {}
+    if by_regime and n_reg > 1:
+        counts = np.maximum(np.bincount(prob.regime, minlength=n_reg), 1)
+        regime_mean = np.bincount(prob.regime, resid, n_reg) / counts
+        reg_c = prob.regime[ti_c]
+        key = li_c * n_reg + reg_c
+        gr = np.bincount(key, (resid[ti_c] - regime_mean[reg_c]) * s_c, n_les * n_reg).reshape(n_les, n_reg)
+        dr = np.bincount(key, s_c**2, n_les * n_reg).reshape(n_les, n_reg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            chi_reg = np.where(dr > 0, gr * gr / dr, 0.0).sum(axis=1) / sigma2
+            chi_common = np.where(dr.sum(axis=1) > 0, gr.sum(axis=1) ** 2 / dr.sum(axis=1), 0.0) / sigma2
+        k_reg = (dr > 0).sum(axis=1)
+        log_p_reg = _chi2_logsf(chi_reg, np.maximum(k_reg, 1))
+        log_p_het = _chi2_logsf(np.maximum(chi_reg - chi_common, 0.0), np.maximum(k_reg - 1, 1))
+        use_reg = (k_reg > 1) & (log_p_het < log_p_enter) & (log_p_reg < log_p)
+        log_p = np.where(use_reg, log_p_reg, log_p)
+        regimes_of = {int(les): np.flatnonzero(dr[les] > 0) for les in np.flatnonzero(use_reg)}
+    has_pairs = np.bincount(li_c, minlength=n_les) > 0
+    ok = np.flatnonzero(has_pairs & (log_p < log_p_enter))
+    if ok.size == 0:
+        return []
+    best = (
+        pd.DataFrame({"lesson": ok, "factor": prob.factor_code[ok], "log_p": log_p[ok], "prio": prob.prio_of_lesson[ok]})
+        .sort_values(["factor", "log_p", "prio"])
+        .drop_duplicates("factor")["lesson"]
+        .to_numpy()
+    )
+    return [(int(les), regimes_of.get(int(les))) for les in best]
+
+
+def materialize_overrides(
+    lessons: pd.DataFrame,
+    fits: pd.DataFrame | None,
+    factors: pd.DataFrame | None,
+    regime_weights: pd.DataFrame | None,
+    trades: pd.DataFrame,
+    patterns: pd.DataFrame,
+    scope: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    *,
+    knobs: Mapping[str, float],
+    now: object,
+    lesson_trades: pd.DataFrame | None = None,
+    use_decay: bool = True,
+    regime_split: bool = True,
+    alpha: float = 0.05,
+    z_enter: float | None = None,
+    z_keep: float = 2.5,
+    horizon_hours: float = 24.0 * 30,
+    max_growth: float = 2.0,
+    ridge: float = 1e-3,
+    max_rounds: int | None = None,
+) -> pd.DataFrame:
+    """Rows of ``pm_overrides`` (without ``domain``); see the module docstring for the method.
+
+    ``lessons``: the learning_lessons rows (``latent_factor_id`` may be null when
+    ``factors`` is given); ``fits``: half_life_fits rows (None: no decay);
+    ``factors``: latent_factors rows (lesson_key, latent_factor_id), overriding the
+    lessons' column; ``regime_weights``: learning_regime_weights rows (used when
+    ``knobs['tier2_enabled']``). ``trades``/``patterns``/``scope``/``metrics``: the
+    training trades' source tables. ``knobs``: tau, g_min, tier2_enabled, tier3_topk.
+    ``use_decay=False`` ignores the fitted half-lives (the comparison baseline).
+    """
+    check_trades_frame(trades, ("trade_id", "closed_at", "regime", "return_r"))
+    now = _utc(now)
+    tau = float(knobs.get("tau", 0.95))
+    g_min = float(knobs.get("g_min", 0.02))
+    tier2 = bool(knobs.get("tier2_enabled", 1.0))
+    topk = max(1, int(round(float(knobs.get("tier3_topk", 5)))))
+    if lessons.empty or trades.empty:
+        return _empty_overrides()
+
+    lessons = lessons.reset_index(drop=True).copy()
+    if factors is not None and len(factors):
+        fmap = factors.drop_duplicates("lesson_key").set_index("lesson_key")["latent_factor_id"]
+        lessons["latent_factor_id"] = lessons["lesson_key"].map(fmap)
+    missing = lessons["latent_factor_id"].isna()
+    # a lesson without a factor stands alone (every lesson feeds exactly one factor)
+    lessons.loc[missing, "latent_factor_id"] = "lf-" + lessons.loc[missing, "pattern"].astype(str)
+    if lesson_trades is None:
+        lesson_trades = match_lessons(lessons, trades, patterns, scope)
+    if lesson_trades.empty:
+        return _empty_overrides()
+
+    # -- per lesson: decay rate and anchor ------------------------------------
+    fit_cols = ["lesson_key", "state", "decay_rate_per_hour", "half_life_hours", "e0", "t_ref"]
+    if fits is not None and len(fits):
+        fit_rows = lessons[["lesson_key"]].merge(
+            fits[[c for c in fit_cols if c in fits.columns]], on="lesson_key", how="left"
+        )
+    else:
+        fit_rows = pd.DataFrame({"lesson_key": lessons["lesson_key"], "state": None, "decay_rate_per_hour": np.nan})
+    lam = pd.to_numeric(fit_rows["decay_rate_per_hour"], errors="coerce").to_numpy(float)
+    shaped = fit_rows["state"].isin(["decaying", "improving"]).to_numpy() & np.isfinite(lam) & use_decay
+    lam = np.where(shaped, lam, 0.0)
+    last_seen_h = _hours_since(lessons["last_seen"], now)
+    anchor = np.zeros(len(lessons))
+    grow = lam < 0  # value at now, but no more than max_growth × the value at the last trade
+    anchor[grow] = np.minimum(0.0, last_seen_h[grow] + math.log(max_growth) / (-lam[grow]))
+    stale_days = np.maximum(0.0, -last_seen_h) / 24.0
+    shrink = tau**stale_days
+
+    # -- target ---------------------------------------------------------------
+    y = trades["return_r"].to_numpy(float)
+    m_term = np.zeros(len(trades))
+    if tier2 and regime_weights is not None and len(regime_weights) and metrics is not None:
+        m_term = metric_term(trades, metrics, regime_weights)
+    y = y - m_term
+    regime_code, regimes = pd.factorize(trades["regime"].astype(str), sort=True)
+    t_hours = _hours_since(trades["closed_at"], now)
+    prob = _Problem(lessons, lesson_trades, y, regime_code, len(regimes), lam, anchor, t_hours)
+
+    n_les, n_reg = prob.n_les, prob.n_regimes
+    if z_enter is None:  # Bonferroni over the lessons
+        z_enter = float(stats.norm.isf(alpha / (2.0 * max(n_les, 1))))
+    log_p_enter = float(stats.norm.logsf(z_enter) + math.log(2.0))
+    log_p_keep = float(stats.norm.logsf(z_keep) + math.log(2.0))
+    max_rounds = max_rounds or 4 * topk + 4
+
+    any_row = np.full(n_les, -1, dtype=np.int64)
+    reg_row = np.full((n_les, n_reg), -1, dtype=np.int64)
+    banned = np.zeros(n_les, dtype=bool)
+
+    def rows_state() -> tuple[np.ndarray, int]:
+        """Renumber rows 0..n-1 (any-rows first, then regime rows); pair rows and row count."""
+        nonlocal any_row, reg_row
+        sel_any = np.flatnonzero(any_row >= 0)
+        new_any = np.full(n_les, -1, dtype=np.int64)
+        new_any[sel_any] = np.arange(sel_any.size)
+        lr, rr = np.nonzero(reg_row >= 0)
+        new_reg = np.full((n_les, n_reg), -1, dtype=np.int64)
+        new_reg[lr, rr] = sel_any.size + np.arange(lr.size)
+        any_row, reg_row = new_any, new_reg
+        return prob.pair_rows(any_row, reg_row), sel_any.size + lr.size
+
+    def row_lesson_regime() -> tuple[np.ndarray, np.ndarray]:
+        n_rows = int((any_row >= 0).sum() + (reg_row >= 0).sum())
+        les = np.empty(n_rows, dtype=np.int64)
+        reg = np.full(n_rows, -1, dtype=np.int64)
+        a = np.flatnonzero(any_row >= 0)
+        les[any_row[a]] = a
+        lr, rr = np.nonzero(reg_row >= 0)
+        les[reg_row[lr, rr]] = lr
+        reg[reg_row[lr, rr]] = rr
+        return les, reg
+
+    def refit() -> tuple[dict, np.ndarray, np.ndarray]:
+        pair_row, n_rows = rows_state()
+        win = prob.winners(pair_row)
+        return prob.fit(win, pair_row, n_rows, ridge), pair_row, win
+
+    def selected_per_factor() -> np.ndarray:
+        has = (any_row >= 0) | (reg_row >= 0).any(axis=1)
+        return np.bincount(prob.factor_code[has], minlength=len(prob.factor_names))
+
+    # -- forward / backward stepwise ------------------------------------------
+    result, pair_row, win = refit()
+    # two phases: common edges first; per-regime entries only once they are fitted, as
+    # before that the residual's regime means still carry unfitted lessons' effects
+    regime_phase = False
+    for _ in range(max_rounds):
+        changed = False
+        # forward: best candidate per factor on the current residual
+        cur_prio = np.full(prob.n_cells, np.iinfo(np.int64).max)
+        cur_prio[prob.cell_inv[win]] = prob.prio[win]
+        has_row = (any_row >= 0) | (reg_row >= 0).any(axis=1)
+        open_factor = selected_per_factor() < topk
+        cand = (~has_row[prob.li]) & (~banned[prob.li]) & open_factor[prob.pf] & (prob.prio < cur_prio[prob.cell_inv])
+        if cand.any():
+            added = _forward_candidates(prob, result, cand, log_p_enter, regime_split and regime_phase)
+            if added:
+                for lesson, regimes_of_lesson in added:
+                    if regimes_of_lesson is None:
+                        any_row[lesson] = 10**9  # placeholder, renumbered by rows_state()
+                    else:
+                        reg_row[lesson, regimes_of_lesson] = 10**9
+                changed = True
+                result, pair_row, win = refit()
+        # backward: drop overrides the joint fit no longer supports (a lesson's regime
+        # rows go together, by their joint Wald test); merge regime rows that no longer
+        # differ back into one any-regime row
+        les_of_row, reg_of_row = row_lesson_regime()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zrow = np.where(result["se"] > 0, result["coef"] / result["se"], 0.0)
+        wald = np.bincount(les_of_row, zrow**2, n_les)
+        k = np.bincount(les_of_row, minlength=n_les)
+        weak_lesson = (k > 0) & (_chi2_logsf(wald, np.maximum(k, 1)) > log_p_keep)
+        weak_lesson |= (k > 0) & (np.bincount(les_of_row, result["n_credited"], n_les) == 0)
+        w = np.where(result["se"] > 0, 1.0 / np.maximum(result["se"], 1e-12) ** 2, 0.0)
+        mean_c = np.bincount(les_of_row, w * result["coef"], n_les) / np.maximum(np.bincount(les_of_row, w, n_les), 1e-300)
+        het = np.bincount(les_of_row, w * (result["coef"] - mean_c[les_of_row]) ** 2, n_les)
+        split_les = np.bincount(les_of_row[reg_of_row >= 0], minlength=n_les) > 0
+        merge = split_les & ~weak_lesson & (_chi2_logsf(het, np.maximum(k - 1, 1)) > log_p_keep)
+        if weak_lesson.any() or merge.any():
+            drop = np.flatnonzero(weak_lesson)
+            any_row[drop] = -1
+            reg_row[drop] = -1
+            banned[drop] = True
+            merged = np.flatnonzero(merge)
+            reg_row[merged] = -1
+            any_row[merged] = 10**9
+            changed = True
+            result, pair_row, win = refit()
+        if not changed:
+            if regime_split and not regime_phase:
+                regime_phase = True
+                continue
+            break
+
+    # -- regime split ---------------------------------------------------------
+    if regime_split and n_reg > 1:
+        les_of_row, reg_of_row = row_lesson_regime()
+        rows_w = pair_row[win]
+        reg_w = prob.regime[prob.ti[win]]
+        key = rows_w * n_reg + reg_w
+        n_rows = les_of_row.size
+        # a regime's domain-wide offset (e.g. a strategy that underperforms in it) is
+        # in every lesson's residual; only a lesson's *own* regime pattern earns a split
+        resid = result["resid"]
+        regime_mean = np.bincount(prob.regime, resid, n_reg) / np.maximum(np.bincount(prob.regime, minlength=n_reg), 1)
+        resid_w = resid[prob.ti[win]] - regime_mean[reg_w]
+        g = np.bincount(key, resid_w * prob.s[win], n_rows * n_reg).reshape(n_rows, n_reg)
+        d = np.bincount(key, prob.s[win] ** 2, n_rows * n_reg).reshape(n_rows, n_reg)
+        cnt = np.bincount(key, minlength=n_rows * n_reg).reshape(n_rows, n_reg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(d > 0, g * g / d, 0.0).sum(axis=1) / result["sigma"] ** 2
+        df_q = (cnt >= 2).sum(axis=1) - 1
+        pval = np.where(df_q > 0, stats.chi2.sf(q, np.maximum(df_q, 1)), 1.0)
+        split = (reg_of_row < 0) & (df_q > 0) & (pval < alpha / max(n_rows, 1))
+        if split.any():
+            split_rows = np.flatnonzero(split)
+            any_row[les_of_row[split_rows]] = -1
+            rr, cc = np.nonzero(cnt[split_rows] > 0)  # one row per regime the lesson was credited in
+            reg_row[les_of_row[split_rows][rr], cc] = 10**9
+            result, pair_row, win = refit()
+
+    # -- g_min: drop small edges, refit the rest --------------------------------
+    for _ in range(3):
+        les_of_row, reg_of_row = row_lesson_regime()
+        edge = result["coef"] * shrink[les_of_row]
+        small = (np.abs(edge) < g_min) | ~np.isfinite(edge)
+        if not small.any():
+            break
+        any_row[les_of_row[small & (reg_of_row < 0)]] = -1
+        reg_row[les_of_row[small & (reg_of_row >= 0)], reg_of_row[small & (reg_of_row >= 0)]] = -1
+        result, pair_row, win = refit()
+    les_of_row, reg_of_row = row_lesson_regime()
+    edge = result["coef"] * shrink[les_of_row]
+    keep = (np.abs(edge) >= g_min) & np.isfinite(edge)
+    if not keep.any():
+        return _empty_overrides()
+
+    # -- rows -----------------------------------------------------------------
+    rows_w = pair_row[win]
+    credited_metric = np.bincount(rows_w, m_term[prob.ti[win]], les_of_row.size)
+    n_credited = result["n_credited"]
+    rate = np.maximum(lam[les_of_row], 0.0) + math.log(1.0 / tau) / 24.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hours_valid = np.where(
+            rate > 0, np.log(np.maximum(np.abs(edge), g_min) / g_min) / rate, horizon_hours
+        )
+    hours_valid = np.clip(np.nan_to_num(hours_valid, nan=horizon_hours), 0.0, horizon_hours)
+    knob_view = {"tau": tau, "g_min": g_min, "tier2_enabled": tier2, "tier3_topk": topk}
+    out_rows = []
+    for r in np.flatnonzero(keep):  # one dict per emitted override (output-sized loop)
+        les = int(les_of_row[r])
+        lrow = lessons.iloc[les]
+        frow = fit_rows.iloc[les]
+        t_ref = frow.get("t_ref") if "t_ref" in fit_rows.columns else None
+        source = {
+            "lessons": [lrow["lesson_key"]],
+            "fits": [
+                {
+                    "lesson_key": lrow["lesson_key"],
+                    "state": None if pd.isna(frow.get("state")) else str(frow.get("state")),
+                    "decay_rate_per_hour": _num(frow.get("decay_rate_per_hour")),
+                    "half_life_hours": _num(frow.get("half_life_hours")),
+                    "e0": _num(frow.get("e0")),
+                    "t_ref": None if t_ref is None or pd.isna(t_ref) else pd.Timestamp(t_ref).isoformat(),
+                    "used_decay_rate_per_hour": float(lam[les]),
+                }
+            ],
+            "latent_factor_id": str(lrow["latent_factor_id"]),
+            "lesson_edge_mean": float(lrow["edge_mean"]),
+            "coef_at_now": float(result["coef"][r]),
+            "coef_se": float(result["se"][r]),
+            "n_credited_trades": int(n_credited[r]),
+            "metric_adjustment": float(credited_metric[r] / n_credited[r]) if tier2 and n_credited[r] else 0.0,
+            "stale_days": float(stale_days[les]),
+            "tau_multiplier": float(shrink[les]),
+            "now": now.isoformat(),
+            "knobs": knob_view,
+            "method": "joint least squares over factors, winner-per-factor design, decay shape from half_life_fits",
+        }
+        out_rows.append(
+            {
+                "latent_factor_id": str(lrow["latent_factor_id"]),
+                "lesson_key": str(lrow["lesson_key"]),
+                "pattern": str(lrow["pattern"]),
+                "scope_json": str(lrow["scope_json"]),
+                "n_scope_keys": int(lrow["n_scope_keys"]),
+                "regime": None if reg_of_row[r] < 0 else str(regimes[reg_of_row[r]]),
+                "edge": float(edge[r]),
+                "support": int(lrow["n"]),
+                "valid_until": now + pd.Timedelta(hours=float(hours_valid[r])),
+                "source_json": json.dumps(source, sort_keys=True),
+            }
+        )
+    out = pd.DataFrame(out_rows, columns=OVERRIDE_COLUMNS)
+    out["valid_until"] = pd.to_datetime(out["valid_until"], utc=True)
+    return out.sort_values(["latent_factor_id", "lesson_key", "regime"], na_position="first").reset_index(drop=True)
+
+
+def _num(value: object) -> float | None:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------------
+# applying overrides
+# ---------------------------------------------------------------------------
+
+
+def predict(
+    overrides: pd.DataFrame,
+    regime_weights: pd.DataFrame | None,
+    trades: pd.DataFrame,
+    patterns: pd.DataFrame,
+    scope: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    *,
+    tier2_enabled: bool = True,
+) -> pd.Series:
+    """Each trade's edge under the overrides, exactly as DESIGN specifies; Series trade_id → edge."""
+    check_trades_frame(trades, ("trade_id", "regime"))
+    edge = np.zeros(len(trades))
+    if len(trades) and overrides is not None and len(overrides):
+        ov = overrides.reset_index(drop=True)
+        uniq = ov.drop_duplicates("lesson_key")[["lesson_key", "n_scope_keys"]].reset_index(drop=True)
+        pairs = match_lessons(uniq, trades, patterns, scope)
+        if len(pairs):
+            ov_u = pd.Index(uniq["lesson_key"]).get_indexer(ov["lesson_key"])
+            # expand (lesson, trade) pairs to (override row, trade), keep regime matches
+            cand = pairs.merge(
+                pd.DataFrame({"lesson_idx": ov_u, "row": np.arange(len(ov))}), on="lesson_idx", how="inner"
+            )
+            row = cand["row"].to_numpy(np.int64)
+            ti = cand["trade_idx"].to_numpy(np.int64)
+            ov_regime = ov["regime"].astype(object).where(ov["regime"].notna(), None).to_numpy()
+            trade_regime = trades["regime"].astype(str).to_numpy()
+            regime_any = pd.isna(ov["regime"]).to_numpy()
+            ok = regime_any[row] | (ov_regime[row].astype(str) == trade_regime[ti])
+            row, ti = row[ok], ti[ok]
+            factor_code = pd.factorize(ov["latent_factor_id"].astype(str))[0]
+            key_rank = pd.factorize(ov["lesson_key"].astype(str), sort=True)[0]
+            order = np.lexsort(
+                (
+                    regime_any[row].astype(np.int8),  # regime-specific first (last tie-break)
+                    key_rank[row],
+                    -ov["support"].to_numpy(np.int64)[row],
+                    -ov["n_scope_keys"].to_numpy(np.int64)[row],
+                    ti,
+                    factor_code[row],
+                )
+            )
+            f_sorted, t_sorted = factor_code[row][order], ti[order]
+            first = np.ones(order.size, dtype=bool)
+            first[1:] = (f_sorted[1:] != f_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
+            winners = order[first]
+            edge += np.bincount(ti[winners], ov["edge"].to_numpy(float)[row[winners]], len(trades))
+    if tier2_enabled and regime_weights is not None and metrics is not None:
+        edge += metric_term(trades, metrics, regime_weights)
+    return pd.Series(edge, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")
+
+
+def predict_sum_all_lessons(
+    lessons: pd.DataFrame,
+    trades: pd.DataFrame,
+    patterns: pd.DataFrame,
+    scope: pd.DataFrame,
+    *,
+    g_min: float = 0.0,
+    regime_weights: pd.DataFrame | None = None,
+    metrics: pd.DataFrame | None = None,
+) -> pd.Series:
+    """The old materializer's prediction: the sum of every matching lesson's raw edge_mean.
+
+    (|edge_mean| < g_min skipped; metric term added when regime weights are given.)
+    """
+    edge = np.zeros(len(trades))
+    if len(lessons) and len(trades):
+        pairs = match_lessons(lessons, trades, patterns, scope)
+        e = lessons["edge_mean"].to_numpy(float)
+        e = np.where(np.abs(e) >= g_min, e, 0.0)
+        edge += np.bincount(pairs["trade_idx"].to_numpy(np.int64), e[pairs["lesson_idx"].to_numpy(np.int64)], len(trades))
+    if regime_weights is not None and metrics is not None:
+        edge += metric_term(trades, metrics, regime_weights)
+    return pd.Series(edge, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")
