@@ -15,6 +15,8 @@ from meta_pipeline.resources import STORE_KEY, domain_partitions
 from meta_pipeline.store import MetaStore
 
 DOMAIN_JOB = "domain_refresh_job"
+# CLI runs log warnings and errors only; the full event log is in the UI either way.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 FLEET_JOB = "fleet_refresh_job"
 
 
@@ -63,9 +65,13 @@ def run_domain_job(
     """Materialize every per-domain asset for one domain, in this process, on the shared instance."""
     defs = load_defs() if store is None else with_store(load_defs(), store)
     job = defs.resolve_job_def(job_name)
-    return job.execute_in_process(partition_key=validate_domain(domain), instance=instance, raise_on_error=False)
+    return job.execute_in_process(
+        partition_key=validate_domain(domain), instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG
+    )
 
 
 def run_fleet_job(instance: dg.DagsterInstance, store: MetaStore | None = None) -> dg.ExecuteInProcessResult:
     defs = load_defs() if store is None else with_store(load_defs(), store)
-    return defs.resolve_job_def(FLEET_JOB).execute_in_process(instance=instance, raise_on_error=False)
+    return defs.resolve_job_def(FLEET_JOB).execute_in_process(
+        instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG
+    )

@@ -173,7 +173,7 @@ def _proposals_table(frame: pd.DataFrame) -> pd.DataFrame:
 @dg.asset(
     group_name="fleet",
     kinds={"pandas", "sql"},
-    deps=[dg.AssetDep("diagnostics")],  # all domain partitions
+    deps=[dg.AssetDep("diagnostics"), dg.AssetDep("global_prior")],  # all domain partitions; the fresh prior first
     description=(
         "Evidence-backed config proposals from every domain's diagnostics (PENDING, deduplicated by evidence "
         "hash); optional auto-apply policy. Table `meta_controller_config_proposals`."
