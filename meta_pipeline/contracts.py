@@ -7,6 +7,7 @@ quarantine frame, so the CLI and the inbox sensor share one path.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 from sqlalchemy import (
     Boolean,
     Column,
@@ -298,6 +302,7 @@ controller_state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("state_json", Text),  # the rest of the controller's memory (snapshot, rng, ...)
     Column("last_ts", DateTime(timezone=True)),  # newest telemetry tick consumed
+    Column("config_version", Integer),  # the applied META_KNOBS config version the controller adopted
     Index("ix_controller_state_domain", "domain", unique=True),
 )
 meta_decisions = Table(
@@ -434,7 +439,9 @@ def read_input_file(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], skip_blank_lines=True)
+        raw = _read_csv_fast(path)
+        if raw is None:  # anything unusual: pandas' parser, whose behaviour is the reference
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], skip_blank_lines=True)
         lines = np.arange(len(raw), dtype=np.int64) + 2  # header is line 1
         return raw, lines
     if suffix in (".jsonl", ".ndjson", ".json"):
@@ -465,6 +472,39 @@ def read_input_file(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         flat = [_flatten_json_record(r) for r in raw.to_dict(orient="records")]
         return pd.DataFrame.from_records(flat), np.arange(len(raw), dtype=np.int64) + 1
     raise ContractError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
+
+
+def _read_csv_fast(path: Path) -> pd.DataFrame | None:
+    """A well-formed CSV through pyarrow's multi-threaded reader, every cell as text.
+
+    Why: about 3x faster than pandas' parser on large files. It gives the same frame
+    as ``pd.read_csv(dtype=str, keep_default_na=False)`` for a regular file; for
+    anything it would treat differently (ragged rows, bad UTF-8, an empty file,
+    duplicate or empty header names) it fails or we return None, and the caller
+    falls back to pandas.
+    """
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if not header:
+            return None
+        table = pa_csv.read_csv(
+            path,
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={name: pa.string() for name in header}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False, null_values=[], auto_dict_encode=False,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, csv.Error, OSError):
+        return None
+    names = table.column_names
+    if names != header or len(set(names)) != len(names) or any(n.strip() == "" for n in names):
+        return None
+    if any(not pa.types.is_string(t) for t in table.schema.types):
+        return None
+    text_dtype = pd.StringDtype("pyarrow", na_value=np.nan)  # what pandas gives for dtype=str
+    return table.to_pandas(types_mapper=lambda t: text_dtype if pa.types.is_string(t) else None)
 
 
 def _flatten_json_record(obj: dict) -> dict:
@@ -532,8 +572,60 @@ def _json_error_rows(raw: pd.DataFrame, kind: str, domain: str, source: str) -> 
 
 def _add_reason(reasons: pd.Series, mask: pd.Series | np.ndarray, text: str) -> None:
     mask = np.asarray(mask, dtype=bool)
+    if not mask.any():  # the common case: nothing to write
+        return
     current = reasons[mask]
     reasons[mask] = np.where(current == "", text, current + "; " + text)
+
+
+def _arrow_text(series: pd.Series) -> pa.Array:
+    """``series.astype("string")`` as one pyarrow string array (nulls kept).
+
+    Zero-copy for the text columns a CSV gives; JSON Lines values (numbers, None) go
+    through ``astype("string")`` exactly as before.
+    """
+    values = series.array
+    if not (isinstance(series.dtype, pd.StringDtype) and series.dtype.storage == "pyarrow"):
+        values = series.astype("string").array
+    arr = pa.array(values)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr
+
+
+def _stripped(series: pd.Series) -> pa.Array:
+    """``series.astype("string").str.strip().fillna("")`` (pandas strips with this same arrow kernel)."""
+    return pc.fill_null(pc.utf8_trim_whitespace(_arrow_text(series)), "")
+
+
+def _mask(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _interned(arr: pa.Array) -> np.ndarray:
+    """Text as an object array of Python str, one shared object per distinct value.
+
+    Why: patterns, scope keys/values, regimes repeat a handful of values over millions
+    of rows; building one str per distinct value and indexing is far cheaper than one
+    per row, and the database driver takes the same objects.
+    """
+    if len(arr) == 0:
+        return np.array([], dtype=object)
+    enc = arr.dictionary_encode()
+    uniques = np.array(enc.dictionary.to_pylist(), dtype=object)
+    return uniques[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+def _duplicated_keep_last(arr: pa.Array) -> np.ndarray:
+    """Like ``Series.duplicated(keep="last")`` over text, via integer codes."""
+    codes = arr.dictionary_encode().indices.to_numpy(zero_copy_only=False)
+    return pd.Series(codes).duplicated(keep="last").to_numpy()
+
+
+def _text_column(values: np.ndarray) -> pd.Series:
+    # object dtype on purpose: the values are already Python str (what the driver
+    # binds); letting pandas re-encode them as arrow strings costs a copy both ways
+    return pd.Series(values, dtype=object)
 
 
 def _explode_patterns(series: pd.Series) -> pd.DataFrame:
@@ -546,13 +638,22 @@ def _explode_patterns(series: pd.Series) -> pd.DataFrame:
     is_list = values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))) if values.dtype == object else None
     if is_list is not None and is_list.any():
         split = values.where(is_list, values[~is_list].astype("string").str.split("|"))
-    else:
-        split = values.astype("string").str.split("|")
-    exploded = split.explode()
-    pattern = exploded.astype("string").str.strip()
-    keep = (pattern.notna() & (pattern != "")).to_numpy()
-    out = pd.DataFrame({"row": exploded.index.to_numpy()[keep], "pattern": pattern.to_numpy()[keep]})
-    return out.drop_duplicates(ignore_index=True)
+        exploded = split.explode()
+        pattern = exploded.astype("string").str.strip()
+        keep = (pattern.notna() & (pattern != "")).to_numpy()
+        out = pd.DataFrame({"row": exploded.index.to_numpy()[keep], "pattern": pattern.to_numpy()[keep]})
+        return out.drop_duplicates(ignore_index=True)
+    # text: split, flatten and strip in arrow (a Python str.split per row was most of validation)
+    lists = pc.split_pattern(_arrow_text(values), "|")
+    rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    names = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+    keep = _mask(pc.not_equal(names, ""))
+    rows, names = rows[keep], names.filter(pa.array(keep))
+    enc = names.dictionary_encode()
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniques = np.array(enc.dictionary.to_pylist(), dtype=object)
+    first = ~pd.Series(rows * max(len(uniques), 1) + codes).duplicated().to_numpy()
+    return pd.DataFrame({"row": rows[first], "pattern": _text_column(uniques[codes[first]])})
 
 
 def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TradesBatch:
@@ -560,6 +661,7 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
 
     Bad rows go to the quarantine frame with their line and every reason; good rows
     become the four source-table frames. A missing required column raises ContractError.
+    Text columns of the frames are object arrays of Python str.
     """
     validate_domain(domain)
     json_bad = _json_error_rows(raw, "trades", domain, source)
@@ -569,51 +671,55 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     n = len(raw)
     reasons = pd.Series([""] * n, index=raw.index, dtype=object)
 
-    trade_id = raw["trade_id"].astype("string").str.strip().fillna("")
-    _add_reason(reasons, trade_id == "", "empty trade_id")
-    _add_reason(reasons, trade_id.str.len() > 200, "trade_id longer than 200 characters")
+    trade_id = _stripped(raw["trade_id"])
+    id_empty = _mask(pc.equal(trade_id, ""))
+    _add_reason(reasons, id_empty, "empty trade_id")
+    _add_reason(reasons, _mask(pc.greater(pc.utf8_length(trade_id), 200)), "trade_id longer than 200 characters")
     closed_at = _to_utc(raw["closed_at"])
     _add_reason(reasons, closed_at.isna(), f"unparsable closed_at")
-    regime = raw["regime"].astype("string").str.strip().fillna("")
-    _add_reason(reasons, regime == "", "empty regime")
+    regime = _stripped(raw["regime"])
+    _add_reason(reasons, _mask(pc.equal(regime, "")), "empty regime")
     return_r = _to_float(raw["return_r"])
     _add_reason(reasons, ~np.isfinite(return_r.to_numpy()), "return_r is not a finite number")
     patterns = _explode_patterns(raw["patterns"])
     patterns_per_row = np.bincount(patterns["row"].to_numpy(dtype=np.int64), minlength=n)
     _add_reason(reasons, patterns_per_row == 0, "empty patterns")
     if "strategy_id" in raw.columns:
-        strategy = raw["strategy_id"].astype("string").str.strip().fillna("").replace("", "default")
+        strategy = _stripped(raw["strategy_id"])
+        strategy = pc.if_else(pc.equal(strategy, ""), "default", strategy)
     else:
-        strategy = pd.Series("default", index=raw.index, dtype="string")
+        strategy = pa.repeat("default", n)
 
     metric_cols = [c for c in raw.columns if c.startswith("metric.") and len(c) > len("metric.")]
     metric_values = {}
     for col in metric_cols:
         values = _to_float(raw[col])
-        given = raw[col].astype("string").fillna("").str.strip() != ""
+        given = _mask(pc.not_equal(_stripped(raw[col]), ""))
         _add_reason(reasons, given & ~np.isfinite(values.to_numpy()), f"{col} is not a finite number")
         metric_values[col[len("metric.") :]] = values
 
     # a trade id appearing twice in one file: the last one wins, like a re-ingest
-    dup = trade_id.duplicated(keep="last") & (trade_id != "")
+    dup = _duplicated_keep_last(trade_id) & ~id_empty
     _add_reason(reasons, dup, "trade_id repeated later in the same file (later row kept)")
 
     bad = (reasons != "").to_numpy()
     good = ~bad
+    good_rows = np.flatnonzero(good)
     quarantine_rows = pd.concat(
         [json_bad, _quarantine_frame("trades", domain, source, lines, reasons, raw, bad)], ignore_index=True
     )
 
-    ids = trade_id[good].astype(str).to_numpy()
+    take_good = pa.array(good_rows)
+    ids = np.array(trade_id.take(take_good).to_pylist(), dtype=object)  # distinct per trade: one str each
     trades_df = pd.DataFrame(
         {
-            "domain": domain,
-            "trade_id": ids,
-            "closed_at": closed_at[good].to_numpy(),
-            "regime": regime[good].astype(str).to_numpy(),
-            "strategy_id": strategy[good].astype(str).to_numpy(),
-            "return_r": return_r[good].to_numpy(),
-            "source_file": source,
+            "domain": _text_column(np.full(len(good_rows), domain, dtype=object)),
+            "trade_id": _text_column(ids),
+            "closed_at": closed_at.array[good],
+            "regime": _text_column(_interned(regime.take(take_good))),
+            "strategy_id": _text_column(_interned(strategy.take(take_good))),
+            "return_r": return_r.to_numpy()[good],
+            "source_file": _text_column(np.full(len(good_rows), source, dtype=object)),
         }
     )
     good_patterns = patterns[good[patterns["row"].to_numpy()]]
@@ -621,17 +727,21 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     id_by_row = np.full(n, None, dtype=object)
     id_by_row[good] = ids
     pattern_df = pd.DataFrame(
-        {"domain": domain, "trade_id": id_by_row[good_patterns["row"].to_numpy()],
-         "pattern": good_patterns["pattern"].to_numpy(dtype=object)}
+        {"domain": _text_column(np.full(len(good_patterns), domain, dtype=object)),
+         "trade_id": _text_column(id_by_row[good_patterns["row"].to_numpy()]),
+         "pattern": _text_column(good_patterns["pattern"].to_numpy(dtype=object))}
     )
     scope_parts = []
     for col in (c for c in raw.columns if c.startswith("scope.") and len(c) > len("scope.")):
-        values = raw.loc[good, col].astype("string").str.strip().fillna("")
-        keep = (values != "").to_numpy()
+        values = _stripped(raw[col]).take(take_good)
+        keep = _mask(pc.not_equal(values, ""))
         if keep.any():
+            kept = int(keep.sum())
             scope_parts.append(
-                pd.DataFrame({"domain": domain, "trade_id": ids[keep], "key": col[len("scope.") :],
-                              "value": values[keep].astype(str).to_numpy()})
+                pd.DataFrame({"domain": _text_column(np.full(kept, domain, dtype=object)),
+                              "trade_id": _text_column(ids[keep]),
+                              "key": _text_column(np.full(kept, col[len("scope.") :], dtype=object)),
+                              "value": _text_column(_interned(values.filter(pa.array(keep))))})
             )
     scope_df = (
         pd.concat(scope_parts, ignore_index=True)
@@ -640,10 +750,14 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     )
     metric_parts = []
     for name, values in metric_values.items():
-        v = values[good].to_numpy()
+        v = values.to_numpy()[good]
         keep = np.isfinite(v)
         if keep.any():
-            metric_parts.append(pd.DataFrame({"domain": domain, "trade_id": ids[keep], "metric": name, "value": v[keep]}))
+            kept = int(keep.sum())
+            metric_parts.append(pd.DataFrame({"domain": _text_column(np.full(kept, domain, dtype=object)),
+                                              "trade_id": _text_column(ids[keep]),
+                                              "metric": _text_column(np.full(kept, name, dtype=object)),
+                                              "value": v[keep]}))
     metrics_df = (
         pd.concat(metric_parts, ignore_index=True)
         if metric_parts

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +14,7 @@ import dagster as dg
 import pandas as pd
 
 from meta_pipeline.contracts import validate_domain
-from meta_pipeline.knobs import clip_knobs, default_knobs
+from meta_pipeline.governance.lifecycle import current_meta_knobs as current_knobs  # noqa: F401 - re-exported
 from meta_pipeline.store import MetaStore
 
 # A domain appears the first time data for it is ingested.
@@ -27,14 +26,6 @@ STORE_KEY = "store"
 def partition_domain(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> str:
     """The run's domain partition key, validated before it reaches SQL or a path."""
     return validate_domain(context.partition_key)
-
-
-def current_knobs(store: MetaStore, domain: str) -> tuple[dict[str, float], str]:
-    """The knobs in effect for a domain: its controller state when there is one, else defaults."""
-    state = store.read("controller_state", domain=domain, columns=["knobs_json"])
-    if len(state):
-        return clip_knobs(json.loads(state["knobs_json"].iloc[0])), "controller_state"
-    return default_knobs(), "defaults"
 
 
 def table_preview(df: pd.DataFrame, max_rows: int = 20) -> dg.MetadataValue:

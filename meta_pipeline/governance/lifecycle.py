@@ -175,13 +175,19 @@ def active_configs(store: MetaStore) -> dict[tuple[str, str], dict]:
 
 
 def current_meta_knobs(store: MetaStore, domain: str) -> tuple[dict[str, float], str]:
-    """The knobs a domain runs with: its active META_KNOBS config, else its controller state, else defaults."""
+    """The knobs a domain runs with — the one rule every reader uses.
+
+    An applied META_KNOBS config the controller has not adopted yet wins (a person just
+    applied it); once the controller has adopted that version (controller_state.
+    config_version ≥ it), the controller's knobs are newer and win; with neither, defaults.
+    """
     validate_domain(domain)
     active = active_config(store, "META_KNOBS", domain)
-    if active is not None:
+    state = store.read("controller_state", domain=domain, columns=["knobs_json", "config_version"])
+    adopted = int(state["config_version"].iloc[0]) if len(state) and pd.notna(state["config_version"].iloc[0]) else 0
+    if active is not None and active[0] > adopted:
         known = {k: v for k, v in active[1].items() if k in default_knobs()}
         return clip_knobs(known), f"configs v{active[0]}"
-    state = store.read("controller_state", domain=domain, columns=["knobs_json"])
     if len(state):
         known = {k: v for k, v in json.loads(state["knobs_json"].iloc[0]).items() if k in default_knobs()}
         return clip_knobs(known), "controller_state"
