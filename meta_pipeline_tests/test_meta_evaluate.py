@@ -14,7 +14,7 @@ from meta_pipeline.meta.evaluate import (
     run_controller,
     run_evaluation,
 )
-from meta_pipeline.meta.priors import early_negative_transfer
+from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
 from meta_pipeline.governance.controller import ControllerConfig
 from meta_pipeline.synth import make_engine
 
@@ -99,7 +99,9 @@ def test_early_check_judges_against_the_fleet():
     assert fired and "negative transfer" in why
     fired, why = early_negative_transfer(np.array([0.74, 0.70]), 0.75)
     assert not fired
-    assert not early_negative_transfer(np.array([0.1]), 0.75)[0]  # one tick: not judged
+    assert early_negative_transfer(np.array([0.1]), 0.75)[0]  # one tick far below the fleet is enough
+    assert not early_negative_transfer(np.array([0.62]), 0.75)[0]  # one tick within 2σ of the floor is not
+    assert not early_negative_transfer(np.array([]), 0.75)[0]  # nothing to judge
     assert not early_negative_transfer(np.array([0.1, 0.1]), None)[0]
 
 
@@ -110,10 +112,10 @@ def test_early_check_restarts_from_scratch_on_an_outlier():
     prior = make_engine("fleet", rng, center=center, spread=0.0).optimum
     cfg = ControllerConfig()
     expected, frame, dropped = run_controller(outlier, 12, prior=prior, config=cfg, seed=1, early_check_low=0.75)
-    assert dropped == 2
+    assert dropped == EARLY_PROBE_TICKS
     assert len(frame) == 12 and list(frame["decision"]) == list(range(1, 13))
     # after the restart the knobs are the scratch defaults, not the prior
-    assert frame["knob_tau"].iloc[2] != pytest.approx(prior["tau"])
+    assert frame["knob_tau"].iloc[dropped] != pytest.approx(prior["tau"])
     _, plain, none = run_controller(outlier, 12, prior=prior, config=cfg, seed=1)
     assert none is None and plain["knob_tau"].iloc[0] == pytest.approx(prior["tau"])
 

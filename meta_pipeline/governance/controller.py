@@ -639,6 +639,9 @@ def _check_negative_transfer(state: ControllerState, config: ControllerConfig, n
             f"(excess {excess:.4f} > margin {config.negative_transfer_margin} + 2·SE {2 * se:.4f}); prior pull dropped"
         )
         notes.append(state.prior_disabled_reason)
+        # the prior's narrow trust region was the prior's too: search as widely as a cold start would
+        for name in KNOB_NAMES:
+            state.steps[name] = max(state.steps[name], config.initial_step)
 
 
 def fit_surrogate(

@@ -67,6 +67,7 @@ from meta_pipeline.meta.priors import (
     GlobalPriorConfig,
     aggregate_global_prior,
     domain_priors,
+    EARLY_PROBE_TICKS,
     early_negative_transfer,
     prior_vector,
     warm_start_prior,
@@ -167,7 +168,7 @@ def run_controller(
     config: ControllerConfig,
     seed: int,
     early_check_low: float | None = None,
-    probe_ticks: int = 2,
+    probe_ticks: int = EARLY_PROBE_TICKS,
 ) -> tuple[np.ndarray, pd.DataFrame, int | None]:
     """The controller in closed loop (``governance.simulate.run_closed_loop``, one tick per
     decision): expected reward of the knobs in effect per decision, the decision frame, and

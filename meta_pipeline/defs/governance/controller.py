@@ -28,14 +28,13 @@ from meta_pipeline.governance.lifecycle import active_config
 from meta_pipeline.governance.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, knobs_to_unit
 from meta_pipeline.meta.prior_store import read_global_prior
-from meta_pipeline.meta.priors import early_negative_transfer
+from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
 from meta_pipeline.resources import domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.store import MetaStore
 
 TELEMETRY_COLUMNS = ["ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms",
                      *[f"knob_{n}" for n in KNOB_NAMES]]
 PLOT_DECISIONS = 300  # how many recent decisions the trajectory plot shows
-EARLY_PROBE_TICKS = 2  # ticks at the prior's knobs before the early negative-transfer check judges
 
 
 class ControllerRunConfig(dg.Config):
