@@ -55,8 +55,16 @@ def load_defs() -> dg.Definitions:
 
 
 def with_store(defs: dg.Definitions, store: MetaStore) -> dg.Definitions:
-    """The same definitions bound to a specific store (e.g. --db-url)."""
-    return dg.Definitions.merge(defs, dg.Definitions(resources={STORE_KEY: store}))
+    """The same definitions bound to a specific store (e.g. --db-url).
+
+    Definitions.merge refuses two different resources under one key, so rebuild with the
+    store swapped.
+    """
+    return dg.Definitions(
+        assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, schedules=defs.schedules,
+        sensors=defs.sensors, executor=defs.executor, loggers=defs.loggers, metadata=defs.metadata,
+        component_tree=defs.component_tree, resources={**(defs.resources or {}), STORE_KEY: store},
+    )
 
 
 def run_domain_job(

@@ -37,8 +37,34 @@ def get_engine(url: str) -> Engine:
         if engine is None:
             engine = _make_engine(url)
             metadata.create_all(engine)
+            add_missing_columns(engine)
             _ENGINES[url] = engine
         return engine
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Additive schema upgrade: a store created by an older version gains the new nullable
+    columns (create_all only creates missing tables). Returns what it added."""
+    from sqlalchemy import inspect
+
+    added = []
+    inspector = inspect(engine)
+    with engine.connect() as conn:
+        conn.execution_options(meta_write=True)
+        with conn.begin():
+            for tbl in metadata.sorted_tables:
+                existing = {c["name"] for c in inspector.get_columns(tbl.name)}
+                for column in tbl.columns:
+                    if column.name in existing:
+                        continue
+                    if not column.nullable:
+                        raise RuntimeError(
+                            f"{tbl.name}.{column.name}: the store predates a required column; migrate it by hand"
+                        )
+                    col_type = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE "{tbl.name}" ADD COLUMN "{column.name}" {col_type}')
+                    added.append(f"{tbl.name}.{column.name}")
+    return added
 
 
 def dispose_engines() -> None:

@@ -107,3 +107,22 @@ def test_concurrent_writers_queue_instead_of_failing(any_store: MetaStore) -> No
     a = any_store.read("learning_lessons", domain="a")
     assert len(a) == 50 and a["edge_mean"].nunique() == 1  # one writer's whole partition, never a mix
     assert len(any_store.read("learning_lessons", domain="b")) == 50
+
+
+def test_an_older_store_gains_new_nullable_columns(tmp_path) -> None:
+    import sqlite3
+
+    from meta_pipeline.store import dispose_engines
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)  # controller_state as an older version created it
+    con.execute("CREATE TABLE controller_state (domain VARCHAR(63) NOT NULL, knobs_json TEXT NOT NULL, "
+                "cooldowns_json TEXT NOT NULL, reward_ema FLOAT, rollbacks INTEGER NOT NULL, decisions INTEGER NOT NULL, "
+                "updated_at DATETIME NOT NULL, state_json TEXT, last_ts DATETIME)")
+    con.execute("INSERT INTO controller_state VALUES ('a', '{}', '{}', 0.5, 0, 3, '2026-01-01 00:00:00.000000', NULL, NULL)")
+    con.commit()
+    con.close()
+    dispose_engines()
+    store = MetaStore(db_url=f"sqlite:///{path}")
+    row = store.read("controller_state", domain="a")
+    assert len(row) == 1 and "config_version" in row.columns and row["config_version"].isna().all()

@@ -4,6 +4,9 @@
 * new telemetry for a domain   -> the integrative update of that partition (controller_job)
 * a new global_prior           -> nothing to launch: every controller reads the newest
                                   prior at its next update (pull, so no run storms)
+* new domain_priors            -> global_prior, by its automation condition (the
+                                  automation sensor below runs it; Dagster's default one
+                                  starts stopped)
 * nightly                      -> every domain's full refresh, then the fleet analysis
 * every 6 hours                -> priors refresh (domain_priors; global_prior follows by
                                   its automation condition)
@@ -132,6 +135,15 @@ def new_trades_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> 
 )
 def new_telemetry_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> dg.SensorResult:
     return _batch_sensor_result(context, store, "telemetry", "control")
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "fleet_automation_sensor",
+    target=dg.AssetSelection.groups("fleet"),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Evaluates the fleet assets' automation conditions (global_prior follows domain_priors).",
+)
 
 
 def _every_domain(context: dg.ScheduleEvaluationContext, prefix: str) -> list[dg.RunRequest]:
