@@ -148,8 +148,15 @@ def compute_latent_factors(
     trades: pd.DataFrame,
     patterns: pd.DataFrame,
     scope: pd.DataFrame,
+    *,
+    lesson_trades: pd.DataFrame | None = None,
     **thresholds: float,
 ) -> pd.DataFrame:
-    """Factors of stored lessons straight from the source tables (what the asset calls)."""
-    lesson_trades = match_lessons(lessons, trades, patterns, scope)
+    """Factors of stored lessons straight from the source tables (what the asset calls).
+
+    ``lesson_trades``: their incidence on ``trades`` when already known (what
+    ``match_lessons(lessons, trades, patterns, scope)`` returns); computed if None.
+    """
+    if lesson_trades is None:
+        lesson_trades = match_lessons(lessons, trades, patterns, scope)
     return find_latent_factors(lessons, lesson_trades, len(trades), **thresholds)

@@ -470,6 +470,14 @@ def compute_edge_history(
     patterns: pd.DataFrame,
     scope: pd.DataFrame,
     bucket: str = "1D",
+    *,
+    lesson_trades: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Edge history of stored lessons straight from the source tables (what the asset calls)."""
-    return edge_history(lessons, match_lessons(lessons, trades, patterns, scope), trades, bucket, scope=scope)
+    """Edge history of stored lessons straight from the source tables (what the asset calls).
+
+    ``lesson_trades``: their incidence on ``trades`` when already known (what
+    ``match_lessons(lessons, trades, patterns, scope)`` returns); computed if None.
+    """
+    if lesson_trades is None:
+        lesson_trades = match_lessons(lessons, trades, patterns, scope)
+    return edge_history(lessons, lesson_trades, trades, bucket, scope=scope)

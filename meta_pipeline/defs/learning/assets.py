@@ -18,6 +18,7 @@ not the wall clock: re-materializing the same data gives the same rows.
 """
 
 
+import hashlib
 import json
 
 import dagster as dg
@@ -49,13 +50,39 @@ def _read_trades(store: MetaStore, domain: str) -> pd.DataFrame:
     )
 
 
+SOURCE_COLUMNS = {
+    "trade_patterns": ["trade_id", "pattern"],
+    "trade_scope": ["trade_id", "key", "value"],
+    "trade_metrics": ["trade_id", "metric", "value"],
+}
+
+
 def _read_source(store: MetaStore, domain: str, *tables: str) -> list[pd.DataFrame]:
-    columns = {
-        "trade_patterns": ["trade_id", "pattern"],
-        "trade_scope": ["trade_id", "key", "value"],
-        "trade_metrics": ["trade_id", "metric", "value"],
-    }
-    return [store.read(t, domain=domain, columns=columns[t]) for t in tables]
+    return [store.read(t, domain=domain, columns=SOURCE_COLUMNS[t]) for t in tables]
+
+
+def _prefetch_source(store: MetaStore, domain: str, *tables: str) -> None:
+    """Let the run's cache load source tables a later asset reads, on the second core, while this one computes."""
+    store.prefetch([{"table_name": t, "domain": domain, "columns": SOURCE_COLUMNS[t]} for t in tables])
+
+
+def _incidence_key(store: MetaStore, domain: str, lessons: pd.DataFrame, source: tuple) -> tuple:
+    """What a lesson×trade incidence depends on: the source rows (their version) and the lessons, in order."""
+    digest = hashlib.sha1("\x1f".join(lessons["lesson_key"].astype(str)).encode()).hexdigest()
+    return ("lesson_incidence", domain, source, len(lessons), digest)
+
+
+def _incidence(store: MetaStore, domain: str, source: tuple, lessons: pd.DataFrame, trades: pd.DataFrame,
+               patterns: pd.DataFrame, scope: pd.DataFrame) -> pd.DataFrame:
+    """The incidence of the stored lessons on the trades, once per run.
+
+    ``lessons`` mines it and offers it to the run (store.remember); edge_history,
+    latent_factors and pm_overrides, which each used to re-match the lessons on
+    millions of pattern/scope rows, take it from there. Outside a run, or when the
+    lessons or the source rows differ from what was mined, it is computed here.
+    """
+    return store.run_memo(_incidence_key(store, domain, lessons, source),
+                          lambda: lessons_core.match_lessons(lessons, trades, patterns, scope))
 
 
 def _stored(df: pd.DataFrame, table_columns: list[str]) -> pd.DataFrame:
@@ -92,9 +119,12 @@ LESSON_TABLE_COLUMNS = [c for c in lessons_core.LESSON_COLUMNS]
 def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
     knobs, source = current_knobs(store, domain)
+    source_rows = store.source_version(domain)  # before the reads it describes
     trades = _read_trades(store, domain)
     patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input
     mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs["lambda_ci"]))
+    store.remember(_incidence_key(store, domain, mined, source_rows), incidence)  # the stored lessons, in this order
     written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
     top = mined.reindex(mined["edge_lcb"].abs().sort_values(ascending=False).index) if len(mined) else mined
     if mined.empty:
@@ -134,10 +164,12 @@ def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Materiali
 )
 def edge_history(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
+    source_rows = store.source_version(domain)
     stored_lessons = store.read("learning_lessons", domain=domain)
     trades = _read_trades(store, domain)
     patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
-    history = lessons_core.compute_edge_history(stored_lessons, trades, patterns, scope)
+    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
+    history = lessons_core.compute_edge_history(stored_lessons, trades, patterns, scope, lesson_trades=incidence)
     written = store.replace_partition("learning_edge_history", domain, _stored(history, lessons_core.EDGE_HISTORY_COLUMNS))
     return dg.MaterializeResult(
         metadata={
@@ -247,10 +279,12 @@ def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figur
 )
 def latent_factors(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
+    source_rows = store.source_version(domain)
     stored_lessons = store.read("learning_lessons", domain=domain)
     trades = _read_trades(store, domain)
     patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
-    factors = factors_core.compute_latent_factors(stored_lessons, trades, patterns, scope)
+    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
+    factors = factors_core.compute_latent_factors(stored_lessons, trades, patterns, scope, lesson_trades=incidence)
     with_ids = stored_lessons.drop(columns=["latent_factor_id", "domain"]).merge(
         factors[["lesson_key", "latent_factor_id"]], on="lesson_key", how="left"
     )
@@ -309,6 +343,7 @@ def regime_weights(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Ma
     domain = partition_domain(context)
     trades = _read_trades(store, domain)
     (metrics,) = _read_source(store, domain, "trade_metrics")
+    _prefetch_source(store, domain, "trade_patterns", "trade_scope")  # the other assets' input (if not read yet)
     weights = regime_core.fit_regime_weights(trades, metrics)
     written = store.replace_partition("learning_regime_weights", domain, weights)
     metadata = {
@@ -361,15 +396,18 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
 def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
     knobs, source = current_knobs(store, domain)
+    source_rows = store.source_version(domain)
     stored_lessons = store.read("learning_lessons", domain=domain)
     fits = store.read("half_life_fits", domain=domain)
     factors = store.read("latent_factors", domain=domain)
     weights = store.read("learning_regime_weights", domain=domain)
     trades = _read_trades(store, domain)
     patterns, scope, metrics = _read_source(store, domain, "trade_patterns", "trade_scope", "trade_metrics")
+    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
     now = trades["closed_at"].max() if len(trades) else pd.Timestamp.now(tz="UTC")
     overrides = overrides_core.materialize_overrides(
-        stored_lessons, fits, factors, weights, trades, patterns, scope, metrics, knobs=knobs, now=now
+        stored_lessons, fits, factors, weights, trades, patterns, scope, metrics, knobs=knobs, now=now,
+        lesson_trades=incidence,
     )
     written = store.replace_partition("pm_overrides", domain, overrides)
     metadata = {

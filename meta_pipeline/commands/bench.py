@@ -1,0 +1,56 @@
+"""`meta-pipeline bench`: time and memory of ingest and every learning asset, by size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from meta_pipeline.bench import TIER_CHOICES, BenchError, BenchOptions, render_console, run_bench
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark ingest and the learning assets against naive baselines and the floor",
+        description=(
+            "Generate synthetic trades (small ≈ 10k, medium ≈ 100k, large ≈ 1M in one domain plus a 20-domain "
+            "fleet), then time ingest and every learning asset through the code the assets run, with peak memory; "
+            "compare with naive baselines, the floor and Dagster runs. Writes report.md, report.json and "
+            "scaling.png to --out and prints the table."
+        ),
+    )
+    p.add_argument("--tier", choices=TIER_CHOICES, default="small",
+                   help="small | medium | large | all (all: every tier, so scaling exponents can be fitted)")
+    p.add_argument("--out", default="bench_out", help="folder for report.md, report.json, scaling.png (default bench_out)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object instead of the table")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each timing N times and report medians (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default 0)")
+    p.add_argument("--naive-budget", type=float, default=60.0,
+                   help="seconds a naive baseline may take before it is timed on a sample and extrapolated (default 60)")
+    p.add_argument("--no-dagster", action="store_true", help="skip the `dagster asset materialize` measurements")
+    p.add_argument("--no-fleet", action="store_true", help="skip the 20-domain fleet of the large tier")
+    p.add_argument("--trades", type=int, nargs="+", default=None, help=argparse.SUPPRESS)  # explicit sizes (tests)
+    p.add_argument("--keep-data", action="store_true", help="keep the generated files and databases under OUT/work")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.repeat < 1:
+        print("error: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    opts = BenchOptions(repeat=args.repeat, seed=args.seed, naive_budget_s=args.naive_budget,
+                        dagster=not args.no_dagster, fleet=not args.no_fleet, keep_data=args.keep_data)
+    command = "meta-pipeline " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("meta-pipeline") else None
+    progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        result = run_bench(args.tier, args.out, opts, sizes=args.trades, command=command, progress=progress)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_console(result))
+        print(f"\nreport: {args.out}/report.md, {args.out}/report.json, plot {args.out}/scaling.png")
+    return 0
