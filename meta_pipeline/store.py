@@ -679,7 +679,7 @@ def _column_values(series: pd.Series, ctype: Any, dialect: str, may_be_missing: 
         if dialect == "sqlite":
             # SQLAlchemy's own SQLite DateTime storage format, so ORM readers agree
             return _sqlite_datetime_text(series)
-        return [None if pd.isna(v) else v.to_pydatetime() for v in series]
+        return [None if pd.isna(v) else v.to_pydatetime(warn=False) for v in series]  # µs: what SQL keeps
     if isinstance(ctype, Boolean):
         if series.dtype == bool:
             return series.to_numpy().tolist()
