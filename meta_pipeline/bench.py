@@ -598,12 +598,11 @@ def work_learning(args: dict[str, Any]) -> dict[str, Any]:
 
 # -- the floor ------------------------------------------------------------------
 
-FLOOR_COLUMNS = {
-    "trades": ["trade_id", "closed_at", "regime", "strategy_id", "return_r"],
-    "trade_patterns": ["trade_id", "pattern"],
-    "trade_scope": ["trade_id", "key", "value"],
-    "trade_metrics": ["trade_id", "metric", "value"],
-}
+def source_columns() -> dict[str, list[str]]:
+    """The columns of each source table the learning assets read (the floor reads the same)."""
+    from meta_pipeline.defs.learning.assets import SOURCE_COLUMNS, TRADE_COLUMNS
+
+    return {"trades": list(TRADE_COLUMNS), **{k: list(v) for k, v in SOURCE_COLUMNS.items()}}
 
 
 def floor_pass(store: Any, domain: str, incidence: Any) -> dict[str, float]:
@@ -612,7 +611,7 @@ def floor_pass(store: Any, domain: str, incidence: Any) -> dict[str, float]:
 
     with measured() as m:
         t = time.perf_counter()
-        frames = {name: store.read(name, domain=domain, columns=cols) for name, cols in FLOOR_COLUMNS.items()}
+        frames = {name: store.read(name, domain=domain, columns=cols) for name, cols in source_columns().items()}
         m["read_s"] = time.perf_counter() - t
         t = time.perf_counter()
         y = frames["trades"]["return_r"].to_numpy(dtype=float)
@@ -631,9 +630,10 @@ def work_floor(args: dict[str, Any]) -> dict[str, Any]:
 
     store = _store(args["db"])
     domain = args["domain"]
-    trades = store.read("trades", domain=domain, columns=FLOOR_COLUMNS["trades"], order_by="closed_at, trade_id")
-    patterns = store.read("trade_patterns", domain=domain, columns=FLOOR_COLUMNS["trade_patterns"])
-    scope = store.read("trade_scope", domain=domain, columns=FLOOR_COLUMNS["trade_scope"])
+    cols = source_columns()
+    trades = store.read("trades", domain=domain, columns=cols["trades"], order_by="closed_at, trade_id")
+    patterns = store.read("trade_patterns", domain=domain, columns=cols["trade_patterns"])
+    scope = store.read("trade_scope", domain=domain, columns=cols["trade_scope"])
     _, incidence = lessons_core.mine_lessons(trades.reset_index(drop=True), patterns, scope)
     del trades, patterns, scope
     return {"runs": [floor_pass(store, domain, incidence) for _ in range(int(args.get("repeat", 1)))]}
@@ -725,10 +725,11 @@ def work_naive(args: dict[str, Any]) -> dict[str, Any]:
     domain = args["domain"]
     budget = float(args.get("budget_s", 60.0))
     repeat = int(args.get("repeat", 1))
-    trades = store.read("trades", domain=domain, columns=FLOOR_COLUMNS["trades"], order_by="closed_at, trade_id").reset_index(drop=True)
-    patterns = store.read("trade_patterns", domain=domain, columns=FLOOR_COLUMNS["trade_patterns"])
-    scope = store.read("trade_scope", domain=domain, columns=FLOOR_COLUMNS["trade_scope"])
-    metrics = store.read("trade_metrics", domain=domain, columns=FLOOR_COLUMNS["trade_metrics"])
+    cols = source_columns()
+    trades = store.read("trades", domain=domain, columns=cols["trades"], order_by="closed_at, trade_id").reset_index(drop=True)
+    patterns = store.read("trade_patterns", domain=domain, columns=cols["trade_patterns"])
+    scope = store.read("trade_scope", domain=domain, columns=cols["trade_scope"])
+    metrics = store.read("trade_metrics", domain=domain, columns=cols["trade_metrics"])
     lessons = store.read("learning_lessons", domain=domain)
     history = store.read("learning_edge_history", domain=domain)
     fits = store.read("half_life_fits", domain=domain)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -87,7 +88,11 @@ trade_patterns = Table(
     D(),
     Column("trade_id", String(200), nullable=False),
     Column("pattern", String(200), nullable=False),
-    Index("ix_trade_patterns_domain_trade", "domain", "trade_id"),
+    # the natural key as a clustered primary key (SQLite: WITHOUT ROWID): one B-tree per
+    # table instead of rows + a (domain, trade_id) index; a domain's rows are read as one
+    # range and bulk loads write ~40% less (see README, benchmark)
+    PrimaryKeyConstraint("domain", "trade_id", "pattern", name="pk_trade_patterns"),
+    sqlite_with_rowid=False,
 )
 trade_scope = Table(
     "trade_scope",
@@ -96,7 +101,8 @@ trade_scope = Table(
     Column("trade_id", String(200), nullable=False),
     Column("key", String(100), nullable=False),
     Column("value", String(200), nullable=False),
-    Index("ix_trade_scope_domain_trade", "domain", "trade_id"),
+    PrimaryKeyConstraint("domain", "trade_id", "key", name="pk_trade_scope"),
+    sqlite_with_rowid=False,
 )
 trade_metrics = Table(
     "trade_metrics",
@@ -105,7 +111,8 @@ trade_metrics = Table(
     Column("trade_id", String(200), nullable=False),
     Column("metric", String(100), nullable=False),
     Column("value", Float, nullable=False),
-    Index("ix_trade_metrics_domain_trade", "domain", "trade_id"),
+    PrimaryKeyConstraint("domain", "trade_id", "metric", name="pk_trade_metrics"),
+    sqlite_with_rowid=False,
 )
 telemetry = Table(
     "telemetry",
@@ -622,6 +629,18 @@ def _duplicated_keep_last(arr: pa.Array) -> np.ndarray:
     return pd.Series(codes).duplicated(keep="last").to_numpy()
 
 
+def _constant_text(value: str, n: int) -> pd.Series:
+    """n references to one str (np.full would build n separate copies of it)."""
+    values = np.empty(n, dtype=object)
+    values.fill(value)
+    return pd.Series(values, dtype=object)
+
+
+def _in_trade_order(frame: pd.DataFrame, trade_rank: np.ndarray) -> pd.DataFrame:
+    """The rows sorted by their trade's rank (stable: a trade's rows keep their order)."""
+    return frame.take(np.argsort(trade_rank, kind="stable")).reset_index(drop=True)
+
+
 def _text_column(values: np.ndarray) -> pd.Series:
     # object dtype on purpose: the values are already Python str (what the driver
     # binds); letting pandas re-encode them as arrow strings costs a copy both ways
@@ -713,53 +732,63 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     ids = np.array(trade_id.take(take_good).to_pylist(), dtype=object)  # distinct per trade: one str each
     trades_df = pd.DataFrame(
         {
-            "domain": _text_column(np.full(len(good_rows), domain, dtype=object)),
+            "domain": _constant_text(domain, len(good_rows)),
             "trade_id": _text_column(ids),
             "closed_at": closed_at.array[good],
             "regime": _text_column(_interned(regime.take(take_good))),
             "strategy_id": _text_column(_interned(strategy.take(take_good))),
             "return_r": return_r.to_numpy()[good],
-            "source_file": _text_column(np.full(len(good_rows), source, dtype=object)),
+            "source_file": _constant_text(source, len(good_rows)),
         }
     )
+    # the long tables go out in trade-id order: their clustered key then grows in
+    # order, which makes the bulk insert ~30% cheaper than file order
+    trade_rank = np.empty(len(ids), dtype=np.int64)
+    trade_rank[pc.sort_indices(trade_id.take(take_good)).to_numpy()] = np.arange(len(ids))
     good_patterns = patterns[good[patterns["row"].to_numpy()]]
-    # map each kept row position to its trade id (good rows keep their order)
+    pattern_rows = good_patterns["row"].to_numpy()
+    # map each kept row position to its trade id and rank (good rows keep their order)
     id_by_row = np.full(n, None, dtype=object)
     id_by_row[good] = ids
-    pattern_df = pd.DataFrame(
-        {"domain": _text_column(np.full(len(good_patterns), domain, dtype=object)),
-         "trade_id": _text_column(id_by_row[good_patterns["row"].to_numpy()]),
-         "pattern": _text_column(good_patterns["pattern"].to_numpy(dtype=object))}
+    rank_by_row = np.full(n, -1, dtype=np.int64)
+    rank_by_row[good] = trade_rank
+    pattern_df = _in_trade_order(
+        pd.DataFrame({"domain": _constant_text(domain, len(good_patterns)),
+                      "trade_id": _text_column(id_by_row[pattern_rows]),
+                      "pattern": _text_column(good_patterns["pattern"].to_numpy(dtype=object))}),
+        rank_by_row[pattern_rows],
     )
-    scope_parts = []
+    scope_parts, scope_ranks = [], []
     for col in (c for c in raw.columns if c.startswith("scope.") and len(c) > len("scope.")):
         values = _stripped(raw[col]).take(take_good)
         keep = _mask(pc.not_equal(values, ""))
         if keep.any():
             kept = int(keep.sum())
             scope_parts.append(
-                pd.DataFrame({"domain": _text_column(np.full(kept, domain, dtype=object)),
+                pd.DataFrame({"domain": _constant_text(domain, kept),
                               "trade_id": _text_column(ids[keep]),
-                              "key": _text_column(np.full(kept, col[len("scope.") :], dtype=object)),
+                              "key": _constant_text(col[len("scope.") :], kept),
                               "value": _text_column(_interned(values.filter(pa.array(keep))))})
             )
+            scope_ranks.append(trade_rank[keep])
     scope_df = (
-        pd.concat(scope_parts, ignore_index=True)
+        _in_trade_order(pd.concat(scope_parts, ignore_index=True), np.concatenate(scope_ranks))
         if scope_parts
         else pd.DataFrame(columns=["domain", "trade_id", "key", "value"])
     )
-    metric_parts = []
+    metric_parts, metric_ranks = [], []
     for name, values in metric_values.items():
         v = values.to_numpy()[good]
         keep = np.isfinite(v)
         if keep.any():
             kept = int(keep.sum())
-            metric_parts.append(pd.DataFrame({"domain": _text_column(np.full(kept, domain, dtype=object)),
+            metric_parts.append(pd.DataFrame({"domain": _constant_text(domain, kept),
                                               "trade_id": _text_column(ids[keep]),
-                                              "metric": _text_column(np.full(kept, name, dtype=object)),
+                                              "metric": _constant_text(name, kept),
                                               "value": v[keep]}))
+            metric_ranks.append(trade_rank[keep])
     metrics_df = (
-        pd.concat(metric_parts, ignore_index=True)
+        _in_trade_order(pd.concat(metric_parts, ignore_index=True), np.concatenate(metric_ranks))
         if metric_parts
         else pd.DataFrame(columns=["domain", "trade_id", "metric", "value"])
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection
 
 from meta_pipeline.contracts import (
@@ -83,6 +83,11 @@ def _delete_ids(conn: Connection, table_name: str, domain: str, column: str, ids
         conn.execute(delete(tbl).where(tbl.c.domain == domain, tbl.c[column].in_(chunk)))
 
 
+def _has_rows(conn: Connection, table_name: str, domain: str) -> bool:
+    tbl = table(table_name)
+    return conn.execute(select(tbl.c.domain).where(tbl.c.domain == domain).limit(1)).first() is not None
+
+
 def _existing(store: MetaStore, conn: Connection, table_name: str, column: str, domain: str) -> pd.Series:
     return store.read(table_name, domain=domain, columns=[column], conn=conn)[column]
 
@@ -94,10 +99,15 @@ def ingest_trades_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, 
     with store.write() as conn:
         lock_partition(conn, "trades", domain)
         existing = _existing(store, conn, "trades", "trade_id", domain)
-        overlap = sorted(set(existing.to_numpy()).intersection(batch.trades["trade_id"].to_numpy()))
+        batch_ids = batch.trades["trade_id"].to_numpy()
+        overlap = sorted(set(existing.to_numpy()).intersection(batch_ids))
         if overlap:
-            for name in ("trade_patterns", "trade_scope", "trade_metrics", "trades"):
-                _delete_ids(conn, name, domain, "trade_id", overlap)
+            _delete_ids(conn, "trades", domain, "trade_id", overlap)
+        for name in ("trade_patterns", "trade_scope", "trade_metrics"):
+            # every row of a re-sent trade goes, including rows left behind by a trades
+            # partition replaced without its children (keyed by trade id, they would collide)
+            if _has_rows(conn, name, domain):
+                _delete_ids(conn, name, domain, "trade_id", batch_ids.tolist())
         trades_rows = batch.trades.assign(ingested_at=now)
         report.ingested = insert_frame(conn, table("trades"), trades_rows)
         insert_frame(conn, table("trade_patterns"), batch.patterns)

@@ -106,6 +106,19 @@ def test_reingest_replaces_never_duplicates(tmp_path, store) -> None:
     assert list(scope["value"]) == ["base"]
 
 
+def test_reingest_after_trades_replaced_without_their_children(tmp_path, store) -> None:
+    """A trades partition replaced on its own leaves pattern/scope/metric rows behind; a
+    re-ingest of those trades replaces them instead of colliding with (or duplicating) them."""
+    text = HEADER + "t1,2026-06-01T10:00:00Z,S0,alpha,0.5,A.x|B.y,solana,,,\nt2,2026-06-01T11:00:00Z,S0,alpha,0.1,A.x,,,,\n"
+    path = _write(tmp_path, text, "a.csv")
+    ingest_file(store, "trades", path, "d")
+    store.replace_partition("trades", "d", store.read("trades", domain="d").iloc[:1].drop(columns=["domain"]))
+    report = ingest_file(store, "trades", path, "d")
+    assert report.ingested == 2 and report.replaced == 1
+    assert store.count("trades", "d") == 2 and store.count("trade_patterns", "d") == 3
+    assert store.count("trade_scope", "d") == 1
+
+
 def test_missing_columns_reject_the_whole_file(tmp_path, store) -> None:
     text = "trade_id,closed_at,return_r\nt1,2026-06-01T10:00:00Z,0.5\n"
     with pytest.raises(ContractError, match=r"missing required column\(s\): regime, patterns"):

@@ -126,3 +126,37 @@ def test_an_older_store_gains_new_nullable_columns(tmp_path) -> None:
     store = MetaStore(db_url=f"sqlite:///{path}")
     row = store.read("controller_state", domain="a")
     assert len(row) == 1 and "config_version" in row.columns and row["config_version"].isna().all()
+
+
+def _pattern_rows(domain: str, values: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"trade_id": [f"t{i}" for i in range(len(values))], "pattern": values}).assign(domain=domain)
+
+
+def test_text_reads_in_one_blob_equal_row_by_row_and_fall_back_on_separators(store: MetaStore, monkeypatch) -> None:
+    import meta_pipeline.store as store_mod
+
+    clean = ["F0.buy_flag", "", "é ünïcode", "tab\there", "x" * 200] * 40
+    dirty = ["a\x1fb", "line\nbreak", "cr\rhere", "\x1f\n"] + clean[:6]
+    store.replace_partition("trade_patterns", "clean", _pattern_rows("clean", clean))
+    store.replace_partition("trade_patterns", "dirty", _pattern_rows("dirty", dirty))
+    row_by_row = []
+    real = store_mod._query_frame
+    monkeypatch.setattr(store_mod, "_query_frame", lambda *a, **k: row_by_row.append(a[1]) or real(*a, **k))
+
+    got = store.read("trade_patterns", domain="clean", columns=["trade_id", "pattern"])
+    assert row_by_row == []  # the fast path served it
+    assert sorted(zip(got["trade_id"], got["pattern"])) == sorted(zip([f"t{i}" for i in range(len(clean))], clean))
+    assert str(got["pattern"].dtype) == str(real.__globals__["_TEXT_DTYPE"])
+
+    got = store.read("trade_patterns", domain="dirty", columns=["trade_id", "pattern"])
+    assert len(row_by_row) == 1  # a separator inside a value: read row by row, nothing split or lost
+    assert sorted(zip(got["trade_id"], got["pattern"])) == sorted(zip([f"t{i}" for i in range(len(dirty))], dirty))
+
+    assert store.read("trade_patterns", domain="nobody", columns=["trade_id", "pattern"]).empty
+
+
+def test_long_source_tables_are_keyed_by_trade_and_name(any_store: MetaStore) -> None:
+    rows = _pattern_rows("a", ["p", "q"])
+    with pytest.raises(Exception, match="(?i)unique|duplicate"):
+        any_store.replace_partition("trade_patterns", "a", pd.concat([rows, rows.iloc[:1]]))
+    assert any_store.read("trade_patterns", domain="a").empty  # the failed replace wrote nothing

@@ -35,7 +35,8 @@ from meta_pipeline.resources import current_knobs, domain_partitions, partition_
 from meta_pipeline.store import MetaStore
 
 GROUP = "learning"
-TRADE_COLUMNS = ["trade_id", "closed_at", "regime", "strategy_id", "return_r"]
+# what the learning cores use of a trade (strategy_id is the diagnostics' business: not read here)
+TRADE_COLUMNS = ["trade_id", "closed_at", "regime", "return_r"]
 
 
 # ---------------------------------------------------------------------------
@@ -120,9 +121,10 @@ def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Materiali
     domain = partition_domain(context)
     knobs, source = current_knobs(store, domain)
     source_rows = store.source_version(domain)  # before the reads it describes
+    _prefetch_source(store, domain, "trade_scope")  # two readers overlap a little (SQLite's C work frees the GIL)
     trades = _read_trades(store, domain)
     patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
-    _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input
+    _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input, during the mining
     mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs["lambda_ci"]))
     store.remember(_incidence_key(store, domain, mined, source_rows), incidence)  # the stored lessons, in this order
     written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
