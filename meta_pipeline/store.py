@@ -805,6 +805,31 @@ def _column_values(series: pd.Series, ctype: Any, dialect: str, may_be_missing: 
     return arr.tolist()
 
 
+SQLITE_MAX_PARAMS = 999  # bound parameters per statement any SQLite build accepts (newer ones: 32766)
+
+
+def _sqlite_insert_rows(cursor: Any, table_name: str, cols: list[str], values: list[list]) -> None:
+    """Insert column-wise values with multi-row INSERTs: many rows per statement execution.
+
+    Why: the driver's per-execution cost (reset, step, a Python tuple per row) dominates a
+    one-row INSERT; ~250 rows per statement halved a 4M-row load. The values are laid out
+    row-major in one flat list by slice assignment (C speed), then cut into statements.
+    """
+    n_cols, n_rows = len(cols), len(values[0]) if values else 0
+    per_stmt = max(1, SQLITE_MAX_PARAMS // n_cols)
+    flat: list = [None] * (n_rows * n_cols)
+    for j, column in enumerate(values):
+        flat[j::n_cols] = column
+    row_sql = f"({', '.join('?' for _ in cols)})"
+    head = f"INSERT INTO {_q(table_name)} ({', '.join(_q(c) for c in cols)}) VALUES "
+    n_full = n_rows // per_stmt * per_stmt
+    if n_full:
+        params = iter(flat[: n_full * n_cols])
+        cursor.executemany(head + ", ".join([row_sql] * per_stmt), zip(*[params] * (per_stmt * n_cols)))
+    if n_full < n_rows:
+        cursor.execute(head + ", ".join([row_sql] * (n_rows - n_full)), flat[n_full * n_cols:])
+
+
 def insert_frame(conn: Connection, tbl: Table, rows: pd.DataFrame) -> int:
     """Bulk insert a frame; columns must be a subset of the table's. Uses COPY on PostgreSQL.
 
@@ -848,11 +873,11 @@ def insert_frame(conn: Connection, tbl: Table, rows: pd.DataFrame) -> int:
                         copy.write_row(record)
         return n_rows
     if dialect == "sqlite":
-        sql = f"INSERT INTO {_q(tbl.name)} ({col_sql}) VALUES ({', '.join('?' for _ in cols)})"
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            for values in chunks():
-                cursor.executemany(sql, zip(*values))
+            with _gc_paused():
+                for values in chunks():
+                    _sqlite_insert_rows(cursor, tbl.name, cols, values)
         finally:
             cursor.close()
         return n_rows

@@ -154,9 +154,20 @@ class _Problem:
         self.s = np.exp(expo)
         # (factor, trade) cells: at most one override per cell; pairs pre-sorted by
         # (cell, priority) once, so any selection's winners are a masked first-of-group
-        self.cell_inv = dense_groups(self.pf * self.n_trades + self.ti)[1]
+        cell = self.pf * self.n_trades + self.ti
+        width = max(self.n_les, 1)
+        if cell.size and int(cell.max()) < np.iinfo(np.int64).max // width:
+            # one sort gives both: the (cell, priority) order and dense cell ids along it
+            self.order = np.argsort(cell * width + self.prio)  # keys are unique: a lesson meets a trade once
+            sorted_cell = cell[self.order]
+            starts = np.ones(sorted_cell.size, dtype=bool)
+            starts[1:] = sorted_cell[1:] != sorted_cell[:-1]
+            self.cell_inv = np.empty_like(cell)
+            self.cell_inv[self.order] = np.cumsum(starts) - 1
+        else:  # a (cell, priority) key that would overflow int64: dense cell ids first
+            self.cell_inv = dense_groups(cell)[1]
+            self.order = np.argsort(self.cell_inv * width + self.prio)
         self.n_cells = int(self.cell_inv.max()) + 1 if self.cell_inv.size else 0
-        self.order = np.argsort(self.cell_inv * max(self.n_les, 1) + self.prio)  # keys are unique
         self.lesson_regime = self.li * n_regimes + regime_code[self.ti]  # flat (lesson, regime) per pair
 
     # -- rows: (lesson, regime or -1 = any) -----------------------------------
