@@ -536,6 +536,14 @@ def _require_columns(raw: pd.DataFrame, required: tuple[str, ...], source: str) 
 
 
 def _to_float(series: pd.Series) -> pd.Series:
+    """Numbers as float64; empty or unparsable -> NaN (the caller decides whether that is a bad row)."""
+    if isinstance(series.dtype, pd.StringDtype) or series.dtype == object:
+        try:  # a clean text column: arrow's (correctly rounded) parser, ~10x pandas' per-value path
+            values = pc.utf8_trim_whitespace(_arrow_text(series))
+            parsed = pc.cast(pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values), pa.float64())
+            return pd.Series(parsed.to_numpy(zero_copy_only=False), index=series.index, dtype=float)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            pass  # some value is not a number: pandas coerces it to NaN, value by value
     return pd.to_numeric(series.replace("", np.nan), errors="coerce").astype(float)
 
 
