@@ -265,3 +265,17 @@ def test_run_memo_of_the_incidence_equals_recomputing_it(loaded_store) -> None:
         store.replace_partition("trade_scope", "dom0", scope.iloc[:-1])  # source rows change: new version
         assert store.source_version("dom0") != key[2]
     assert store.run_memo(key, lambda: "computed") == "computed"  # outside a run nothing is kept
+
+
+def test_decay_rate_agreement_counts_same_rates_and_judges_the_others_by_fit() -> None:
+    starts = pd.date_range("2026-01-01", periods=30, freq="D", tz="UTC")
+    t = (starts - starts[0]) / pd.Timedelta(hours=1) + 12.0
+    rows = []
+    for key, rate in (("a", 0.01), ("b", 0.002), ("c", 0.0)):
+        rows.append(pd.DataFrame({"lesson_key": key, "bucket_start": starts, "n": 50,
+                                  "edge_mean": 0.4 * np.exp(-rate * t)}))
+    history = pd.concat(rows, ignore_index=True)
+    ours = pd.DataFrame({"lesson_key": ["a", "b", "c"], "decay_rate_per_hour": [0.01, 0.002, 0.0]})
+    naive = {"a": (0.4, 0.01 * 1.005), "b": (0.4, 0.02), "c": (0.4, 1e-7)}  # b: curve_fit went astray
+    assert bench.decay_rate_agreement(naive, ours, history) == "rate same on 2/3; ours fits better on 1/1 others"
+    assert bench.decay_rate_agreement({}, ours, history) == "none compared"
