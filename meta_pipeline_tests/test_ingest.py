@@ -119,6 +119,30 @@ def test_reingest_after_trades_replaced_without_their_children(tmp_path, store) 
     assert store.count("trade_scope", "d") == 1
 
 
+def test_resending_a_fleet_file_replaces_every_row_on_both_databases(tmp_path, any_store, small_fleet) -> None:
+    """A whole domain sent again (trades and telemetry, some values changed): same row
+    counts, the new values, the other domain untouched — on SQLite and PostgreSQL."""
+    data = small_fleet.domains["dom0"]
+    trades_path = write_trades_file(data.trades, tmp_path / "t.csv")
+    tel_path = write_telemetry_file(data.telemetry, tmp_path / "tel.csv")
+    for domain in ("a", "b"):
+        ingest_file(any_store, "trades", trades_path, domain)
+        ingest_file(any_store, "telemetry", tel_path, domain)
+    counts = {t: any_store.count(t, "a") for t in ("trades", "trade_patterns", "trade_scope", "trade_metrics", "telemetry")}
+    changed = data.trades.copy()
+    changed["return_r"] = changed["return_r"] + 1.0
+    report = ingest_file(any_store, "trades", write_trades_file(changed, tmp_path / "t2.csv"), "a")
+    tel_report = ingest_file(any_store, "telemetry", tel_path, "a")
+    assert report.replaced == len(data.trades) and tel_report.replaced == counts["telemetry"]
+    assert {t: any_store.count(t, "a") for t in counts} == counts
+    assert {t: any_store.count(t, "b") for t in counts} == counts
+    got = any_store.read("trades", domain="a").set_index("trade_id")["return_r"].sort_index()
+    want = changed.set_index("trade_id")["return_r"].sort_index()
+    assert np.allclose(got.to_numpy(), want.loc[got.index].to_numpy())
+    ingest_file(any_store, "trades", trades_path, "a")  # and again: the staging table is reused cleanly
+    assert any_store.count("trades", "a") == counts["trades"]
+
+
 def test_missing_columns_reject_the_whole_file(tmp_path, store) -> None:
     text = "trade_id,closed_at,return_r\nt1,2026-06-01T10:00:00Z,0.5\n"
     with pytest.raises(ContractError, match=r"missing required column\(s\): regime, patterns"):
