@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Column, MetaData, Table, delete, select, text
+from sqlalchemy import Column, MetaData, Table, delete, select
 from sqlalchemy.engine import Connection
 
 from meta_pipeline.contracts import (
@@ -86,9 +86,8 @@ def _delete_keys(conn: Connection, table_names: list[str], domain: str, column: 
     first = table(table_names[0])
     staged = Table(STAGED_KEYS, MetaData(), Column("key", first.c[column].type, nullable=False),
                    prefixes=["TEMPORARY"])
-    if _temp_table_exists(conn):  # left by an earlier failure on this pooled connection
-        staged.drop(conn)
-    # no try/finally: on an error the transaction rolls back, and with it the CREATE
+    # created and dropped inside the caller's transaction (DDL is transactional on SQLite
+    # and PostgreSQL): an error rolls the CREATE back too, so none is ever left behind
     staged.create(conn)
     insert_frame(conn, staged, pd.DataFrame({"key": pd.Series(keys).drop_duplicates().to_numpy()}))
     for name in table_names:
@@ -98,14 +97,6 @@ def _delete_keys(conn: Connection, table_names: list[str], domain: str, column: 
 
 
 STAGED_KEYS = "meta_pipeline_staged_keys"  # a temporary table: this connection's own, gone with it
-
-
-def _temp_table_exists(conn: Connection) -> bool:
-    if conn.dialect.name == "sqlite":
-        sql = "SELECT 1 FROM sqlite_temp_master WHERE type = 'table' AND name = :name"
-    else:
-        sql = "SELECT 1 FROM pg_tables WHERE schemaname LIKE 'pg_temp%' AND tablename = :name"
-    return conn.execute(text(sql), {"name": STAGED_KEYS}).first() is not None
 
 
 def _has_rows(conn: Connection, table_name: str, domain: str) -> bool:

@@ -587,8 +587,7 @@ def _gc_paused() -> Iterator[None]:
 def _all_text_not_null(tbl: Table, columns: Sequence[str]) -> bool:
     cols = [tbl.c.get(name) for name in columns]
     return bool(cols) and len(set(columns)) == len(columns) and all(
-        c is not None and not c.nullable and isinstance(c.type, String) and not isinstance(c.type, DateTime)
-        for c in cols)
+        c is not None and not c.nullable and isinstance(c.type, String) for c in cols)
 
 
 _FIELD_SEP = "\x1f"  # ASCII unit separator between fields (char(31)); rows end at newlines (char(10))

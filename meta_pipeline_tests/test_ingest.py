@@ -119,7 +119,7 @@ def test_reingest_after_trades_replaced_without_their_children(tmp_path, store) 
     assert store.count("trade_scope", "d") == 1
 
 
-def test_resending_a_fleet_file_replaces_every_row_on_both_databases(tmp_path, any_store, small_fleet) -> None:
+def test_resending_a_fleet_file_replaces_every_row_on_both_databases(tmp_path, any_store, small_fleet, monkeypatch) -> None:
     """A whole domain sent again (trades and telemetry, some values changed): same row
     counts, the new values, the other domain untouched — on SQLite and PostgreSQL."""
     data = small_fleet.domains["dom0"]
@@ -139,8 +139,21 @@ def test_resending_a_fleet_file_replaces_every_row_on_both_databases(tmp_path, a
     got = any_store.read("trades", domain="a").set_index("trade_id")["return_r"].sort_index()
     want = changed.set_index("trade_id")["return_r"].sort_index()
     assert np.allclose(got.to_numpy(), want.loc[got.index].to_numpy())
-    ingest_file(any_store, "trades", trades_path, "a")  # and again: the staging table is reused cleanly
-    assert any_store.count("trades", "a") == counts["trades"]
+    # a re-send failing after its deletes leaves every row, and no staging table behind
+    import meta_pipeline.ingest as ingest_mod
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("crash after the deletes")
+
+    monkeypatch.setattr(ingest_mod, "record_batch", fail)
+    with pytest.raises(RuntimeError, match="crash after the deletes"):
+        ingest_file(any_store, "trades", trades_path, "a")
+    assert {t: any_store.count(t, "a") for t in counts} == counts
+    monkeypatch.undo()
+    ingest_file(any_store, "trades", trades_path, "a")
+    assert {t: any_store.count(t, "a") for t in counts} == counts
+    assert np.allclose(any_store.read("trades", domain="a").set_index("trade_id")["return_r"].sort_index().to_numpy(),
+                       data.trades.set_index("trade_id")["return_r"].sort_index().to_numpy())
 
 
 def test_missing_columns_reject_the_whole_file(tmp_path, store) -> None:

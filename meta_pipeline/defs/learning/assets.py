@@ -20,6 +20,7 @@ not the wall clock: re-materializing the same data gives the same rows.
 
 import hashlib
 import json
+from typing import NamedTuple
 
 import dagster as dg
 import numpy as np
@@ -84,6 +85,25 @@ def _incidence(store: MetaStore, domain: str, source: tuple, lessons: pd.DataFra
     """
     return store.run_memo(_incidence_key(store, domain, lessons, source),
                           lambda: lessons_core.match_lessons(lessons, trades, patterns, scope))
+
+
+class _LessonInputs(NamedTuple):
+    """What the assets downstream of ``lessons`` start from: the stored lessons, the source rows, their incidence."""
+
+    lessons: pd.DataFrame
+    trades: pd.DataFrame
+    patterns: pd.DataFrame
+    scope: pd.DataFrame
+    incidence: pd.DataFrame
+
+
+def _read_lesson_inputs(store: MetaStore, domain: str) -> _LessonInputs:
+    source_rows = store.source_version(domain)  # before the reads it describes
+    stored_lessons = store.read("learning_lessons", domain=domain)
+    trades = _read_trades(store, domain)
+    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
+    return _LessonInputs(stored_lessons, trades, patterns, scope, incidence)
 
 
 def _stored(df: pd.DataFrame, table_columns: list[str]) -> pd.DataFrame:
@@ -166,12 +186,9 @@ def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Materiali
 )
 def edge_history(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    source_rows = store.source_version(domain)
-    stored_lessons = store.read("learning_lessons", domain=domain)
-    trades = _read_trades(store, domain)
-    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
-    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
-    history = lessons_core.compute_edge_history(stored_lessons, trades, patterns, scope, lesson_trades=incidence)
+    given = _read_lesson_inputs(store, domain)
+    history = lessons_core.compute_edge_history(given.lessons, given.trades, given.patterns, given.scope,
+                                                lesson_trades=given.incidence)
     written = store.replace_partition("learning_edge_history", domain, _stored(history, lessons_core.EDGE_HISTORY_COLUMNS))
     return dg.MaterializeResult(
         metadata={
@@ -281,13 +298,10 @@ def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figur
 )
 def latent_factors(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    source_rows = store.source_version(domain)
-    stored_lessons = store.read("learning_lessons", domain=domain)
-    trades = _read_trades(store, domain)
-    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
-    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
-    factors = factors_core.compute_latent_factors(stored_lessons, trades, patterns, scope, lesson_trades=incidence)
-    with_ids = stored_lessons.drop(columns=["latent_factor_id", "domain"]).merge(
+    given = _read_lesson_inputs(store, domain)
+    factors = factors_core.compute_latent_factors(given.lessons, given.trades, given.patterns, given.scope,
+                                                  lesson_trades=given.incidence)
+    with_ids = given.lessons.drop(columns=["latent_factor_id", "domain"]).merge(
         factors[["lesson_key", "latent_factor_id"]], on="lesson_key", how="left"
     )
     with store.write() as conn:  # both tables or neither
@@ -398,24 +412,22 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
 def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
     domain = partition_domain(context)
     knobs, source = current_knobs(store, domain)
-    source_rows = store.source_version(domain)
-    stored_lessons = store.read("learning_lessons", domain=domain)
+    given = _read_lesson_inputs(store, domain)
     fits = store.read("half_life_fits", domain=domain)
     factors = store.read("latent_factors", domain=domain)
     weights = store.read("learning_regime_weights", domain=domain)
-    trades = _read_trades(store, domain)
-    patterns, scope, metrics = _read_source(store, domain, "trade_patterns", "trade_scope", "trade_metrics")
-    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
+    (metrics,) = _read_source(store, domain, "trade_metrics")
+    trades = given.trades
     now = trades["closed_at"].max() if len(trades) else pd.Timestamp.now(tz="UTC")
     overrides = overrides_core.materialize_overrides(
-        stored_lessons, fits, factors, weights, trades, patterns, scope, metrics, knobs=knobs, now=now,
-        lesson_trades=incidence,
+        given.lessons, fits, factors, weights, trades, given.patterns, given.scope, metrics, knobs=knobs, now=now,
+        lesson_trades=given.incidence,
     )
     written = store.replace_partition("pm_overrides", domain, overrides)
     metadata = {
         "dagster/row_count": dg.MetadataValue.int(written),
         "factors_with_overrides": dg.MetadataValue.int(int(overrides["latent_factor_id"].nunique()) if len(overrides) else 0),
-        "lessons_considered": dg.MetadataValue.int(len(stored_lessons)),
+        "lessons_considered": dg.MetadataValue.int(len(given.lessons)),
         "regime_specific_rows": dg.MetadataValue.int(int(overrides["regime"].notna().sum()) if len(overrides) else 0),
         "now": dg.MetadataValue.text(str(now)),
         "overrides": table_preview(overrides.drop(columns=["source_json", "scope_json"]), max_rows=30),
