@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from meta_pipeline.resources import STORE_KEY
+from meta_pipeline.defs.resources import STORE_KEY
 from meta_pipeline.store import MetaStore
 
 defs = dg.Definitions.merge(

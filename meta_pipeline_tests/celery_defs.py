@@ -16,7 +16,7 @@ from dagster_celery import celery_executor
 # at module level on purpose: the worker imports this module (-i) before its pool forks,
 # so every pool process starts with the code location already loaded
 from meta_pipeline.definitions import defs as repo_defs
-from meta_pipeline.resources import STORE_KEY
+from meta_pipeline.defs.resources import STORE_KEY
 from meta_pipeline.store import MetaStore
 
 CELERY_JOB_NAME = "learning_celery_job"

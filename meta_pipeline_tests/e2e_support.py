@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meta_pipeline.graphql import backfill_status
+from meta_pipeline.commands.graphql import backfill_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -487,7 +487,7 @@ class DagsterDev:
         """Until all n_runs runs of the backfill succeeded; raises on a failed run or backfill.
 
         The backfill's own status trails its runs by up to one daemon loop (30 s), so the
-        runs are what is waited on; meta_pipeline.graphql.backfill_status is checked too.
+        runs are what is waited on; meta_pipeline.commands.graphql.backfill_status is checked too.
         """
         state: dict[str, Any] = {}
 

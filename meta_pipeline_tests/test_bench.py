@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meta_pipeline import bench
+from meta_pipeline.lab import bench
 from meta_pipeline.cli import main as cli_main
 from meta_pipeline.contracts import _read_csv_fast, read_input_file, validate_trades
 from meta_pipeline.ingest import ingest_file
-from meta_pipeline.store import MetaStore, _not_null_rows_to_frame, _rows_to_frame, _sqlite_datetime_text
+from meta_pipeline.store import MetaStore
+from meta_pipeline.store.core import _not_null_rows_to_frame, _rows_to_frame, _sqlite_datetime_text
 from meta_pipeline.contracts import table
-from meta_pipeline.synth import FleetConfig, generate_fleet, write_trades_file
+from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_trades_file
 
 TINY = 1500
 

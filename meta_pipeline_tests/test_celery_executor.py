@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, text
 
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.store import MetaStore, dispose_engines
-from meta_pipeline.synth import FleetConfig, generate_fleet, write_trades_file
+from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_trades_file
 from meta_pipeline_tests import celery_defs
 from meta_pipeline_tests.e2e_support import (
     REPO_ROOT,

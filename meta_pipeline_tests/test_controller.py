@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meta_pipeline.governance.controller import (
+from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
     TelemetryError,
@@ -27,14 +27,14 @@ from meta_pipeline.governance.controller import (
     split_batches,
     update,
 )
-from meta_pipeline.governance.simulate import (
+from meta_pipeline.lab.simulate import (
     poor_start_knobs,
     random_policy_mean,
     run_closed_loop,
     start_state,
 )
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, default_knobs, knobs_to_unit, unit_to_knobs
-from meta_pipeline.synth import make_engine
+from meta_pipeline.lab.synth import make_engine
 
 T0 = pd.Timestamp("2026-03-01", tz="UTC")
 STEP = pd.Timedelta(minutes=5)

@@ -16,14 +16,14 @@ from meta_pipeline.defs.governance.controller import (
     controller_knobs_within_bounds,
     controller_state,
 )
-from meta_pipeline.governance.controller import (
+from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
     advance,
     cold_start,
     knob_bound_problems,
 )
-from meta_pipeline.governance.simulate import live_engine, live_tick_rows, published_knobs, run_live_fleet
+from meta_pipeline.lab.simulate import live_engine, live_tick_rows, published_knobs, run_live_fleet
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, default_knobs
 from meta_pipeline.store import MetaStore
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from meta_pipeline.defs.governance.controller import controller_state

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meta_pipeline import synth
+from meta_pipeline.lab import synth
 from meta_pipeline.contracts import ContractError, validate_telemetry, validate_trades
 from meta_pipeline.governance.diagnostics import (
     DiagnosticsInputs,

@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 
 from meta_pipeline.defs.jobs import PER_DOMAIN_GROUPS
-from meta_pipeline.graphql import launch_partition_backfill
+from meta_pipeline.commands.graphql import launch_partition_backfill
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.store import MetaStore
-from meta_pipeline.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
+from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
 from meta_pipeline_tests.e2e_support import (
     DagsterDev,
     E2EEnvironment,

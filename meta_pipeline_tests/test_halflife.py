@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 from scipy.optimize import minimize_scalar
 
+from meta_pipeline.lab.planted_halflife import planted_edge_history
 from meta_pipeline.learning import halflife
 from meta_pipeline.learning.halflife import (
     OUTPUT_COLUMNS,
     STATES,
     fit_half_lives,
-    planted_edge_history,
 )
 
 SEEDS = (0, 1, 2)

@@ -13,7 +13,7 @@ from meta_pipeline.cli import main as cli_main
 from meta_pipeline.contracts import ContractError
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.store import MetaStore
-from meta_pipeline.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
+from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
 
 HEADER = "trade_id,closed_at,regime,strategy_id,return_r,patterns,scope.chain,scope.size,metric.slippage,extra_col\n"
 

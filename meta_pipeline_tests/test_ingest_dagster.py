@@ -7,11 +7,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from meta_pipeline.defs.ingest.assets import telemetry, trades, trades_are_well_formed
+from meta_pipeline.defs.ingest.assets import trades, trades_are_well_formed
 from meta_pipeline.defs.ingest.sensors import inbox_run_requests, inbox_sensor
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.store import MetaStore
-from meta_pipeline.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
+from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_telemetry_file
 
 GOOD = "trade_id,closed_at,regime,return_r,patterns\nt1,2026-06-01T10:00:00Z,S0,0.5,A.x\nt2,2026-06-01T11:00:00Z,S1,0.1,A.x|B.y\n"
 WITH_BAD = GOOD + "t3,yesterday,S1,0.1,A.x\n"

@@ -14,9 +14,9 @@ import pytest
 
 from meta_pipeline.defs.learning import assets as learning_assets
 from meta_pipeline.defs.learning import checks as learning_checks
-from meta_pipeline.predict import predict_file, predict_trades
+from meta_pipeline.learning.predict import predict_file, predict_trades
 from meta_pipeline.store import MetaStore
-from meta_pipeline.synth import generate_fleet, write_trades_file
+from meta_pipeline.lab.synth import generate_fleet, write_trades_file
 from meta_pipeline_tests.test_learning_core import source_frames
 
 ASSETS = [

@@ -22,10 +22,10 @@ from meta_pipeline.knobs import default_knobs
 from meta_pipeline.learning.factors import find_latent_factors
 from meta_pipeline.learning.halflife import fit_half_lives
 from meta_pipeline.learning.lessons import edge_history, match_lessons, mine_lessons, positions_of
-from meta_pipeline.learning.naive import naive_latent_factors, naive_overrides
+from meta_pipeline.lab.naive import naive_latent_factors, naive_overrides
 from meta_pipeline.learning.overrides import materialize_overrides, predict, predict_sum_all_lessons
 from meta_pipeline.learning.regime import fit_regime_weights, metric_term
-from meta_pipeline.synth import generate_fleet, trades_contract_frame
+from meta_pipeline.lab.synth import generate_fleet, trades_contract_frame
 
 ACCEPTANCE_SEEDS = (0, 1, 2)  # factors, regime weights, overrides
 HALF_LIFE_SEEDS = (0, 1, 2, 3, 4, 5)  # more seeds: a planted family's 3 lessons succeed or fail together

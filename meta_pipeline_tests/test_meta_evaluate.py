@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from meta_pipeline.cli import main
-from meta_pipeline.meta.evaluate import (
+from meta_pipeline.lab.evaluate import (
     EvaluationConfig,
     format_table,
     gem_metrics,
@@ -15,8 +15,8 @@ from meta_pipeline.meta.evaluate import (
     run_evaluation,
 )
 from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
-from meta_pipeline.governance.controller import ControllerConfig
-from meta_pipeline.synth import make_engine
+from meta_pipeline.meta.controller import ControllerConfig
+from meta_pipeline.lab.synth import make_engine
 
 SMALL = EvaluationConfig(
     n_train_domains=5,
@@ -121,7 +121,7 @@ def test_early_check_restarts_from_scratch_on_an_outlier():
 
 
 def test_cli_evaluate_prints_one_table_and_saves_the_plot(tmp_path, capsys, monkeypatch):
-    import meta_pipeline.meta.evaluate as ev
+    import meta_pipeline.lab.evaluate as ev
 
     small = EvaluationConfig(**{**SMALL.__dict__, "optuna": False, "reptile_check": False})
     real = ev.run_evaluation

@@ -25,7 +25,7 @@ from meta_pipeline.meta.shift import (
     pairwise_shift_distances,
     shift_distance,
 )
-from meta_pipeline.synth import exploration_knobs, make_engine, simulate_telemetry
+from meta_pipeline.lab.synth import exploration_knobs, make_engine, simulate_telemetry
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 

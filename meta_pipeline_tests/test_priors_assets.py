@@ -13,7 +13,7 @@ from meta_pipeline.defs.meta.priors import domain_priors, global_prior
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS
 from meta_pipeline.meta.prior_store import latest_global_prior, read_global_prior
 from meta_pipeline.store import MetaStore
-from meta_pipeline.synth import exploration_knobs, make_engine, simulate_telemetry
+from meta_pipeline.lab.synth import exploration_knobs, make_engine, simulate_telemetry
 
 DOMAINS = ("alpha", "beta", "gamma")
 T0 = pd.Timestamp("2026-03-01", tz="UTC")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meta_pipeline import synth
+from meta_pipeline.lab import synth
 from meta_pipeline.governance import lifecycle
 from meta_pipeline.governance.diagnostics import DiagnosticsInputs, compute_diagnostics
 from meta_pipeline.governance.proposals import (

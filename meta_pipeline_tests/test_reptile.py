@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from meta_pipeline.lab.reptile_sinusoid import MLP, sinusoid_check
 from meta_pipeline.meta.reptile import (
-    MLP,
     annealed_epsilon,
     fomaml_step,
     meta_train,
     reptile_step,
-    sinusoid_check,
 )
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from meta_pipeline.bench import TIER_CHOICES, BenchError, BenchOptions, render_console, run_bench
+from meta_pipeline.lab.bench import TIER_CHOICES, BenchError, BenchOptions, render_console, run_bench
 
 
 def register(sub: argparse._SubParsersAction) -> None:

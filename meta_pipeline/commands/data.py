@@ -29,7 +29,7 @@ def _add_db(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from meta_pipeline.synth import FleetConfig, generate_fleet, write_fleet_files
+    from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_fleet_files
 
     cfg = FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed,
                       outlier_domain=args.outlier, domain_prefix=args.prefix)
@@ -38,7 +38,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.inbox:
         # the inbox layout: <inbox>/<domain>/<kind>/<file>, picked up by the inbox sensor
         for name, data in fleet.domains.items():
-            from meta_pipeline.synth import write_telemetry_file, write_trades_file
+            from meta_pipeline.lab.synth import write_telemetry_file, write_trades_file
 
             write_trades_file(data.train_trades, out / name / "trades" / f"trades-seed{args.seed}.{args.format}")
             write_telemetry_file(data.telemetry, out / name / "telemetry" / f"telemetry-seed{args.seed}.{args.format}")
@@ -53,7 +53,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _load_fleet(store: MetaStore, fleet, folder: Path, fmt: str, register: bool) -> list[str]:
     """Ingest a written fleet through the user path, plus its backtest runs; register partitions."""
-    from meta_pipeline.synth import write_fleet_files
+    from meta_pipeline.lab.synth import write_fleet_files
 
     paths = write_fleet_files(fleet, folder, fmt=fmt)
     for name, files in paths.items():
@@ -63,7 +63,7 @@ def _load_fleet(store: MetaStore, fleet, folder: Path, fmt: str, register: bool)
         store.replace_partition("backtest_runs", name, fleet.domains[name].backtests)
     domains = list(paths)
     if register:
-        from meta_pipeline.orchestration import get_instance, register_domains
+        from meta_pipeline.defs.orchestration import get_instance, register_domains
 
         register_domains(get_instance(), domains)
     return domains
@@ -88,7 +88,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if not args.no_dagster:
-        from meta_pipeline.orchestration import get_instance, register_domains, report_ingest
+        from meta_pipeline.defs.orchestration import get_instance, register_domains, report_ingest
 
         instance = get_instance()
         if register_domains(instance, [domain]):
@@ -106,8 +106,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meta_pipeline.orchestration import get_instance, run_domain_job, run_fleet_job
-    from meta_pipeline.synth import FleetConfig, generate_fleet
+    from meta_pipeline.defs.orchestration import get_instance, run_domain_job, run_fleet_job
+    from meta_pipeline.lab.synth import FleetConfig, generate_fleet
 
     started = time.perf_counter()
     store = _store(args)
@@ -162,7 +162,7 @@ def _print_top_overrides(store: MetaStore, domain: str) -> None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from meta_pipeline.orchestration import get_instance, run_domain_job, run_fleet_job
+    from meta_pipeline.defs.orchestration import get_instance, run_domain_job, run_fleet_job
 
     instance = get_instance()
     known = instance.get_dynamic_partitions("domain")
@@ -173,7 +173,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.webserver:
-        from meta_pipeline.graphql import launch_partition_backfill
+        from meta_pipeline.commands.graphql import launch_partition_backfill
 
         backfill_id = launch_partition_backfill(args.webserver, domains)
         print(f"launched backfill {backfill_id} over {len(domains)} domain(s); the daemon runs one run per domain")

@@ -9,7 +9,7 @@ import sys
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from meta_pipeline.meta.evaluate import EvaluationConfig, jsonable, format_table, run_evaluation
+    from meta_pipeline.lab.evaluate import EvaluationConfig, jsonable, format_table, run_evaluation
 
     if args.seeds < 1:
         print("error: --seeds must be at least 1", file=sys.stderr)

@@ -11,7 +11,7 @@ from meta_pipeline.store import MetaStore
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from meta_pipeline.predict import predict_file
+    from meta_pipeline.learning.predict import predict_file
 
     try:
         domain = validate_domain(args.domain)

@@ -128,7 +128,7 @@ def format_evaluation(result: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from meta_pipeline.governance.simulate import evaluate_controller
+    from meta_pipeline.lab.simulate import evaluate_controller
 
     if args.seeds < 1:
         print("error: --seeds must be at least 1", file=sys.stderr)
@@ -158,7 +158,7 @@ def _json_default(value: object) -> object:
 def _live(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from meta_pipeline.governance.simulate import run_live_fleet
+    from meta_pipeline.lab.simulate import run_live_fleet
     from meta_pipeline.paths import default_db_url
     from meta_pipeline.store import MetaStore
 
@@ -180,7 +180,7 @@ def _live(args: argparse.Namespace) -> int:
     if not args.no_register or args.drive:
         import dagster as dg
 
-        from meta_pipeline.orchestration import get_instance, register_domains
+        from meta_pipeline.defs.orchestration import get_instance, register_domains
 
         instance = get_instance() if not args.no_register else dg.DagsterInstance.ephemeral()
         new = register_domains(instance, names)

@@ -25,7 +25,7 @@ import dagster as dg
 import pandas as pd
 
 from meta_pipeline.contracts import DOMAIN_RE
-from meta_pipeline.resources import domain_partitions
+from meta_pipeline.defs.resources import domain_partitions
 from meta_pipeline.store import MetaStore
 
 learning_sensor_job = dg.define_asset_job(

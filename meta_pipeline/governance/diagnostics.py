@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.meta.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit
 
 DIAGNOSTICS_COLUMNS = [

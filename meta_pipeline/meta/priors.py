@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.meta.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit, unit_to_knobs
 from meta_pipeline.meta.reptile import annealed_epsilon, reptile_step
 

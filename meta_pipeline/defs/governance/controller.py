@@ -1,6 +1,6 @@
 """`controller_state`: the integrative layer's controller for one domain, advanced by new telemetry.
 
-The math is `meta_pipeline.governance.controller` (one decision per telemetry batch); this
+The math is `meta_pipeline.meta.controller` (one decision per telemetry batch); this
 asset reads the domain's state and the ticks it has not seen, calls `advance`, and writes
 the new state plus one `meta_decisions` row per decision in ONE transaction. A sensor
 requests it when telemetry arrives; re-materializing without new telemetry changes nothing.
@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from meta_pipeline.governance.controller import (
+from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
     TelemetryError,
@@ -25,11 +25,11 @@ from meta_pipeline.governance.controller import (
     knob_bound_problems,
 )
 from meta_pipeline.governance.lifecycle import active_config
-from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.meta.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, knobs_to_unit
 from meta_pipeline.meta.prior_store import read_global_prior
 from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
-from meta_pipeline.resources import domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.store import MetaStore
 
 TELEMETRY_COLUMNS = ["ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms",

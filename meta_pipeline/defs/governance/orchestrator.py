@@ -18,7 +18,7 @@ from pydantic import Field
 from meta_pipeline.governance import lifecycle
 from meta_pipeline.governance.diagnostics import DiagnosticsInputs, DiagnosticsResult, compute_diagnostics
 from meta_pipeline.governance.proposals import TARGET_TYPES, generate_proposals
-from meta_pipeline.resources import domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.store import MetaStore
 
 # ---------------------------------------------------------------------------

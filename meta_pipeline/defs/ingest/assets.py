@@ -9,11 +9,10 @@ assets summarise what a domain holds now (and ingest any files named in run conf
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 
 from meta_pipeline.contracts import ContractError
 from meta_pipeline.ingest import InboxFile, IngestReport, ingest_file, ingest_inbox_file
-from meta_pipeline.resources import domain_partitions, partition_domain, table_preview
+from meta_pipeline.defs.resources import domain_partitions, partition_domain, table_preview
 from meta_pipeline.store import MetaStore
 
 

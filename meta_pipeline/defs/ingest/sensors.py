@@ -16,7 +16,7 @@ from meta_pipeline.contracts import ContractError, validate_domain
 from meta_pipeline.defs.ingest.assets import telemetry, trades
 from meta_pipeline.ingest import REJECTED_DIR, _move, quarantine_whole_file, scan_inbox
 from meta_pipeline.paths import inbox_dir
-from meta_pipeline.resources import domain_partitions
+from meta_pipeline.defs.resources import domain_partitions
 from meta_pipeline.store import MetaStore
 
 ingest_trades_job = dg.define_asset_job("ingest_trades_job", selection=[trades])

@@ -32,7 +32,7 @@ from meta_pipeline.learning import halflife as halflife_core
 from meta_pipeline.learning import lessons as lessons_core
 from meta_pipeline.learning import overrides as overrides_core
 from meta_pipeline.learning import regime as regime_core
-from meta_pipeline.resources import current_knobs, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.defs.resources import current_knobs, domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.store import MetaStore
 
 GROUP = "learning"

@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 
 from meta_pipeline.defs.learning.assets import half_life_fits, latent_factors, pm_overrides, regime_weights
-from meta_pipeline.resources import domain_partitions
+from meta_pipeline.defs.resources import domain_partitions
 from meta_pipeline.store import MetaStore
 
 

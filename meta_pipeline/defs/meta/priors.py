@@ -16,7 +16,7 @@ from meta_pipeline.knobs import KNOB_NAMES, KNOBS
 from meta_pipeline.meta import priors as priors_core
 from meta_pipeline.meta.prior_store import read_global_prior
 from meta_pipeline.meta.shift import SHIFT_FEATURES, pairwise_shift_distances
-from meta_pipeline.resources import domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.store import MetaStore
 
 GLOBAL_PRIOR_GROUP = "fleet"  # cross-domain, unpartitioned assets live in group "fleet" (defs/jobs.py)

@@ -26,7 +26,7 @@ synthetic trades from ``synth``, written as a CSV in the ingest contract):
 
 Scaling exponents are least-squares slopes of log(time) on log(trades) over the
 sizes run. Every timed stage runs in a fresh Python process (a *worker*, ``python
--m meta_pipeline.bench worker ...``), so peak memory is per stage: the kernel's
+-m meta_pipeline.lab.bench worker ...``), so peak memory is per stage: the kernel's
 high-water mark (``VmHWM``) reset at the start of each stage through
 ``/proc/self/clear_refs`` (falls back to ``ru_maxrss`` where that is not
 available). Everything the report shows comes from the JSON the workers printed.
@@ -48,7 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -502,7 +502,7 @@ def _fresh_db(db_path: str) -> None:
 
 def work_setup(args: dict[str, Any]) -> dict[str, Any]:
     """Generate the synthetic fleet and write each domain's trades as a CSV in the ingest contract."""
-    from meta_pipeline.synth import FleetConfig, generate_fleet, write_trades_file
+    from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_trades_file
 
     folder = Path(args["folder"])
     names = tuple(args["domains"])
@@ -751,9 +751,9 @@ def work_naive(args: dict[str, Any]) -> dict[str, Any]:
     from meta_pipeline.learning import factors as factors_core
     from meta_pipeline.learning import halflife as halflife_core
     from meta_pipeline.learning import lessons as lessons_core
-    from meta_pipeline.learning import naive as naive_core
+    from meta_pipeline.lab import naive as naive_core
     from meta_pipeline.learning import overrides as overrides_core
-    from meta_pipeline.resources import current_knobs
+    from meta_pipeline.defs.resources import current_knobs
 
     store = _store(args["db"])
     domain = args["domain"]
@@ -851,7 +851,7 @@ RESULT_MARK = "BENCH_RESULT "
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """`python -m meta_pipeline.bench worker STAGE ARGS_JSON`: run one stage, print its JSON result."""
+    """`python -m meta_pipeline.lab.bench worker STAGE ARGS_JSON`: run one stage, print its JSON result."""
     stage, payload = argv[0], json.loads(argv[1])
     import warnings
 
@@ -893,7 +893,7 @@ def start_worker(stage: str, args: dict[str, Any], log: Path) -> subprocess.Pope
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = log.open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "meta_pipeline.bench", "worker", stage, json.dumps(args, default=_json_default)],
+        [sys.executable, "-m", "meta_pipeline.lab.bench", "worker", stage, json.dumps(args, default=_json_default)],
         stdout=subprocess.PIPE, stderr=fh, text=True, env=_worker_env(),
     )
 
@@ -990,7 +990,7 @@ from pathlib import Path
 import dagster as dg
 
 import meta_pipeline.definitions as repo
-from meta_pipeline.resources import STORE_KEY
+from meta_pipeline.defs.resources import STORE_KEY
 from meta_pipeline.store import MetaStore
 
 defs = dg.Definitions.merge(

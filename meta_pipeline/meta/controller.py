@@ -68,7 +68,7 @@ import numpy as np
 import pandas as pd
 
 from meta_pipeline.contracts import TELEMETRY_BOUNDS
-from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.meta.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, default_knobs
 
 TELEMETRY_FIELDS: tuple[str, ...] = ("ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms")

@@ -40,7 +40,7 @@ Sections
    shift distances + global prior + warm start + controller cold start + first update.
    Optionally also through Dagster (materialize domain_priors and global_prior in a temp
    SQLite store, then the controller core).
-5. **Reptile check.** ``reptile.sinusoid_check`` (Reptile vs joint pretraining on few-shot
+5. **Reptile check.** ``lab.reptile_sinusoid.sinusoid_check`` (Reptile vs joint pretraining on few-shot
    sinusoid regression, paired 95% interval).
 """
 
@@ -59,10 +59,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
-from meta_pipeline.governance.controller import ControllerConfig, cold_start, update
-from meta_pipeline.governance.simulate import LOOP_START, TICK_EVERY, random_policy_mean, run_closed_loop, run_tpe
+from meta_pipeline.meta.controller import ControllerConfig, cold_start, update
+from meta_pipeline.lab.simulate import LOOP_START, TICK_EVERY, random_policy_mean, run_closed_loop, run_tpe
 from meta_pipeline.knobs import KNOB_NAMES, default_knobs, knobs_to_unit, unit_to_knobs
-from meta_pipeline.meta import reptile
+from meta_pipeline.lab.reptile_sinusoid import sinusoid_check
 from meta_pipeline.meta.priors import (
     GlobalPriorConfig,
     aggregate_global_prior,
@@ -73,7 +73,7 @@ from meta_pipeline.meta.priors import (
     warm_start_prior,
 )
 from meta_pipeline.meta.shift import distances_to_new, pairwise_shift_distances
-from meta_pipeline.synth import SimEngine, exploration_knobs, make_engine, simulate_telemetry
+from meta_pipeline.lab.synth import SimEngine, exploration_knobs, make_engine, simulate_telemetry
 
 T0 = pd.Timestamp("2026-01-01", tz="UTC")
 TICK = pd.Timedelta(minutes=5)
@@ -450,7 +450,7 @@ def _dagster_adaptation_seconds(cfg: EvaluationConfig) -> float:
 
 
 def reptile_section(cfg: EvaluationConfig) -> dict[str, Any]:
-    res = reptile.sinusoid_check(**{"seed": cfg.seed0, **cfg.reptile_kwargs})
+    res = sinusoid_check(**{"seed": cfg.seed0, **cfg.reptile_kwargs})
     keep = {k: v for k, v in res.items() if not isinstance(v, np.ndarray)}
     keep["mse_reptile_ci"] = mean_ci(res["mse_reptile"])
     keep["mse_pretrained_ci"] = mean_ci(res["mse_pretrained"])

@@ -15,7 +15,6 @@ import pandas as pd
 
 from meta_pipeline.contracts import validate_domain
 from meta_pipeline.governance.lifecycle import current_meta_knobs as current_knobs  # noqa: F401 - re-exported
-from meta_pipeline.store import MetaStore
 
 # A domain appears the first time data for it is ingested.
 domain_partitions = dg.DynamicPartitionsDefinition(name="domain")

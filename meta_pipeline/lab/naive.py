@@ -7,7 +7,7 @@
   filters the trades, takes the raw mean, decays it by the lesson's own fit, keeps it if
   ≥ g_min. No factors, no credit assignment (every matching lesson counts).
 
-(The per-lesson ``curve_fit`` baseline lives in ``halflife.bench_halflife``.)
+(The per-lesson ``curve_fit`` baseline lives in ``lab.planted_halflife.bench_halflife``.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from meta_pipeline.governance.controller import (
+from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
     cold_start,
@@ -32,7 +32,7 @@ from meta_pipeline.governance.controller import (
     update,
 )
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, default_knobs, knobs_to_unit, unit_to_knobs
-from meta_pipeline.synth import SimEngine, make_engine
+from meta_pipeline.lab.synth import SimEngine, make_engine
 
 TICK_EVERY = pd.Timedelta(minutes=5)
 LOOP_START = pd.Timestamp("2026-01-01", tz="UTC")
@@ -66,13 +66,13 @@ def with_history(state: ControllerState, engine: SimEngine, n_ticks: int, seed: 
     """The state after deciding on `n_ticks` of past telemetry the controller did not steer
     (random exploration around the defaults, as `synth` writes): no evidence about its own
     knobs, but observations of the reward surface for its model."""
-    from meta_pipeline.synth import exploration_knobs, simulate_telemetry
+    from meta_pipeline.lab.synth import exploration_knobs, simulate_telemetry
 
     rng = np.random.default_rng([seed, 7])
     history = simulate_telemetry(engine, exploration_knobs(n_ticks, rng), start=LOOP_START - TICK_EVERY * (n_ticks + 1),
                                  every=TICK_EVERY, rng=rng)
     history = history.rename(columns={f"knob.{k}": f"knob_{k}" for k in KNOB_NAMES})
-    from meta_pipeline.governance.controller import advance
+    from meta_pipeline.meta.controller import advance
 
     state, _ = advance(state, history, config)
     return state
@@ -218,7 +218,7 @@ def run_tpe(
 
 
 def _reward_of(tick_row: Mapping[str, float]) -> float:
-    from meta_pipeline.governance.reward import meta_reward
+    from meta_pipeline.meta.reward import meta_reward
 
     return meta_reward(**tick_row)
 

@@ -11,7 +11,7 @@ import dagster as dg
 from meta_pipeline.contracts import validate_domain
 from meta_pipeline.ingest import IngestReport
 from meta_pipeline.paths import ensure_dagster_home
-from meta_pipeline.resources import STORE_KEY, domain_partitions
+from meta_pipeline.defs.resources import STORE_KEY, domain_partitions
 from meta_pipeline.store import MetaStore
 
 DOMAIN_JOB = "domain_refresh_job"

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from meta_pipeline.contracts import lesson_key
-from meta_pipeline.governance.reward import meta_reward
+from meta_pipeline.meta.reward import meta_reward
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit, unit_to_knobs
 
 REGIMES = ("S0", "S1", "S2")
