@@ -61,6 +61,31 @@ def validate_domain(name: object) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The telemetry schema
+# ---------------------------------------------------------------------------
+
+# The telemetry schema, once: every reader (ingest, the controller, priors, diagnostics,
+# the reward) takes its column names from here.
+TELEMETRY_OUTCOMES = ("gain_p50", "stability_mean", "vram_utilization", "latency_ms")
+TELEMETRY_REQUIRED = ("ts", *TELEMETRY_OUTCOMES)
+TELEMETRY_KNOB_COLUMNS = tuple(f"knob_{name}" for name in KNOB_NAMES)  # store layout of `knob.<name>`
+TELEMETRY_STORE_COLUMNS = (*TELEMETRY_REQUIRED, *TELEMETRY_KNOB_COLUMNS)
+TELEMETRY_BOUNDS = {
+    "stability_mean": (0.0, 1.0),
+    "vram_utilization": (0.0, 1.0),
+    "latency_ms": (0.0, math.inf),
+}
+
+
+def knob_column(telemetry: pd.DataFrame, name: str) -> str | None:
+    """The telemetry column holding a knob: store layout ``knob_<name>`` or file layout ``knob.<name>``."""
+    for col in (f"knob_{name}", f"knob.{name}"):
+        if col in telemetry.columns:
+            return col
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------
 
@@ -119,10 +144,7 @@ telemetry = Table(
     metadata,
     D(),
     Column("ts", DateTime(timezone=True), nullable=False),
-    Column("gain_p50", Float, nullable=False),
-    Column("stability_mean", Float, nullable=False),
-    Column("vram_utilization", Float, nullable=False),
-    Column("latency_ms", Float, nullable=False),
+    *[Column(name, Float, nullable=False) for name in TELEMETRY_OUTCOMES],
     *[Column(f"knob_{name}", Float) for name in KNOB_NAMES],
     Column("source_file", Text),
     Column("ingested_at", DateTime(timezone=True)),
@@ -413,7 +435,6 @@ def parse_lesson_key(key: str) -> tuple[str, dict[str, str]]:
 # ---------------------------------------------------------------------------
 
 TRADE_REQUIRED = ("trade_id", "closed_at", "regime", "return_r", "patterns")
-TELEMETRY_REQUIRED = ("ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms")
 KINDS = ("trades", "telemetry")
 
 
@@ -812,52 +833,128 @@ def _empty_trades_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd
     )
 
 
-TELEMETRY_BOUNDS = {
-    "stability_mean": (0.0, 1.0),
-    "vram_utilization": (0.0, 1.0),
-    "latency_ms": (0.0, math.inf),
-}
+# ---------------------------------------------------------------------------
+# Telemetry rows: one checker for ingest and the controller
+# ---------------------------------------------------------------------------
+
+
+def _telemetry_float(series: pd.Series) -> np.ndarray:
+    """A telemetry column as floats; empty or unparsable -> NaN (a numeric column is taken as it is)."""
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        return series.to_numpy(dtype=float, na_value=np.nan)
+    return _to_float(series).to_numpy()
+
+
+def _telemetry_ts(series: pd.Series) -> pd.Series:
+    """``ts`` as UTC timestamps (naive = UTC); unparsable -> NaT."""
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+    return _to_utc(series)
+
+
+def _reported(series: pd.Series) -> np.ndarray:
+    """Which cells hold a value (an empty or missing knob cell means "not reported")."""
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        return series.notna().to_numpy()
+    return (series.astype("string").fillna("").str.strip() != "").to_numpy()
+
+
+@dataclass
+class TelemetryRows:
+    """Telemetry rows parsed and checked once (``check_telemetry_rows``).
+
+    ``problems`` are the failed checks in a fixed order (ts, then each outcome: finite,
+    bounds, then each knob column), each with its quarantine reason and the rows it
+    failed on: ingest quarantines those rows, the controller refuses the batch naming
+    the first one.
+    """
+
+    ts: pd.Series  # UTC, NaT where unparsable
+    outcomes: dict[str, np.ndarray]  # TELEMETRY_OUTCOMES as floats
+    knobs: dict[str, np.ndarray]  # knob name -> values (NaN = not reported), for knobs that have a column
+    knob_columns: dict[str, str]  # knob name -> the column it was read from
+    problems: list[tuple[str, str, np.ndarray]]  # (column, reason, bad-row mask)
+
+    def reasons(self, index: pd.Index | None = None) -> pd.Series:
+        """Per row, every reason joined by "; " ("" = the row is fine)."""
+        reasons = pd.Series([""] * len(self.ts), index=index if index is not None else self.ts.index, dtype=object)
+        for _, reason, mask in self.problems:
+            _add_reason(reasons, mask, reason)
+        return reasons
+
+    def first_problem(self) -> tuple[int, str, str] | None:
+        """(row position, column, reason) of the first failed check's first row, or None."""
+        if not self.problems:
+            return None
+        column, reason, mask = self.problems[0]
+        return int(np.flatnonzero(mask)[0]), column, reason
+
+
+def check_telemetry_rows(frame: pd.DataFrame, *, file_layout: bool = False) -> TelemetryRows:
+    """Parse and check telemetry rows (TELEMETRY_REQUIRED columns must be present).
+
+    Checks: ``ts`` parseable; each outcome a finite number within TELEMETRY_BOUNDS; each
+    knob cell empty (not reported) or a finite number. Knob columns: the store layout
+    ``knob_<name>`` or the file layout ``knob.<name>`` (``knob_column``); with
+    ``file_layout`` only ``knob.<name>`` (an input file's contract: other columns are ignored).
+    """
+    problems: list[tuple[str, str, np.ndarray]] = []
+
+    def check(column: str, reason: str, mask: np.ndarray) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            problems.append((column, reason, mask))
+
+    ts = _telemetry_ts(frame["ts"])
+    check("ts", "unparsable ts", ts.isna().to_numpy())
+    outcomes: dict[str, np.ndarray] = {}
+    for col in TELEMETRY_OUTCOMES:
+        values = _telemetry_float(frame[col])
+        finite = np.isfinite(values)
+        check(col, f"{col} is not a finite number", ~finite)
+        lo, hi = TELEMETRY_BOUNDS.get(col, (-math.inf, math.inf))
+        with np.errstate(invalid="ignore"):
+            check(col, f"{col} outside [{lo}, {hi}]", finite & ((values < lo) | (values > hi)))
+        outcomes[col] = values
+    knobs: dict[str, np.ndarray] = {}
+    knob_columns: dict[str, str] = {}
+    for name in KNOB_NAMES:
+        col = f"knob.{name}" if file_layout else knob_column(frame, name)
+        if col is None or col not in frame.columns:
+            continue
+        values = _telemetry_float(frame[col])
+        check(col, f"{col} is not a finite number", _reported(frame[col]) & ~np.isfinite(values))
+        knobs[name], knob_columns[name] = values, col
+    return TelemetryRows(ts, outcomes, knobs, knob_columns, problems)
+
+
+def telemetry_row_problems(frame: pd.DataFrame, *, file_layout: bool = False) -> pd.Series:
+    """Per row, why it breaks the telemetry contract ("" = ok); see ``check_telemetry_rows``."""
+    return check_telemetry_rows(frame, file_layout=file_layout).reasons(frame.index)
 
 
 def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TelemetryBatch:
-    """Validate a raw telemetry frame; same quarantine rules as trades."""
+    """Validate a raw telemetry frame; same quarantine rules as trades (the row checks:
+    ``check_telemetry_rows``, plus a ts repeated later in the file)."""
     validate_domain(domain)
     json_bad = _json_error_rows(raw, "telemetry", domain, source)
-    cols = ["domain", "ts", *TELEMETRY_REQUIRED[1:], *[f"knob_{k}" for k in KNOB_NAMES], "source_file"]
+    cols = ["domain", *TELEMETRY_STORE_COLUMNS, "source_file"]
     if raw.empty and not json_bad.empty:
         return TelemetryBatch(pd.DataFrame(columns=cols), json_bad, n_rows=len(json_bad))
     _require_columns(raw, TELEMETRY_REQUIRED, source)
     n = len(raw)
-    reasons = pd.Series([""] * n, index=raw.index, dtype=object)
-    ts = _to_utc(raw["ts"])
-    _add_reason(reasons, ts.isna(), "unparsable ts")
-    out = {"domain": domain}
-    for col in TELEMETRY_REQUIRED[1:]:
-        values = _to_float(raw[col])
-        finite = np.isfinite(values.to_numpy())
-        _add_reason(reasons, ~finite, f"{col} is not a finite number")
-        lo, hi = TELEMETRY_BOUNDS.get(col, (-math.inf, math.inf))
-        _add_reason(reasons, finite & ((values < lo) | (values > hi)).to_numpy(), f"{col} outside [{lo}, {hi}]")
-        out[col] = values
-    knob_cols = {}
-    for name in KNOB_NAMES:
-        col = f"knob.{name}"
-        if col in raw.columns:
-            values = _to_float(raw[col])
-            given = raw[col].astype("string").fillna("").str.strip() != ""
-            _add_reason(reasons, given & ~np.isfinite(values.to_numpy()), f"{col} is not a finite number")
-            knob_cols[f"knob_{name}"] = values
-        else:
-            knob_cols[f"knob_{name}"] = pd.Series(np.nan, index=raw.index)
+    checked = check_telemetry_rows(raw, file_layout=True)
+    reasons = checked.reasons(raw.index)
+    ts = checked.ts
     dup = ts.duplicated(keep="last") & ts.notna()
     _add_reason(reasons, dup, "ts repeated later in the same file (later row kept)")
     bad = (reasons != "").to_numpy()
     good = ~bad
     frame = pd.DataFrame({"domain": domain, "ts": ts[good].to_numpy()})
-    for col in TELEMETRY_REQUIRED[1:]:
-        frame[col] = out[col][good].to_numpy()
-    for col, values in knob_cols.items():
-        frame[col] = values[good].to_numpy()
+    for col in TELEMETRY_OUTCOMES:
+        frame[col] = checked.outcomes[col][good]
+    for name, col in zip(KNOB_NAMES, TELEMETRY_KNOB_COLUMNS):
+        frame[col] = checked.knobs[name][good] if name in checked.knobs else np.full(int(good.sum()), np.nan)
     frame["source_file"] = source
     ignored = [c for c in raw.columns if c.startswith("knob.") and c[5:] not in KNOB_NAMES]
     quarantine_rows = pd.concat(

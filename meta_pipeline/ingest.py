@@ -14,19 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Column, MetaData, Table, delete, select
-from sqlalchemy.engine import Connection
-
 from meta_pipeline.contracts import (
     KINDS,
     ContractError,
     read_input_file,
-    table,
     validate_domain,
     validate_telemetry,
     validate_trades,
 )
-from meta_pipeline.store import MetaStore, insert_frame, lock_partition
+from meta_pipeline.store import MetaStore
 
 @dataclass
 class IngestReport:
@@ -73,101 +69,28 @@ def _reason_counts(quarantine: pd.DataFrame) -> dict[str, int]:
     return dict(counts.most_common(8))
 
 
-def _delete_keys(conn: Connection, table_names: list[str], domain: str, column: str, keys: pd.Series) -> None:
-    """Delete the rows of ``domain`` whose ``column`` is one of ``keys``, from each table.
-
-    The keys are staged once in a temporary table (bulk insert) and every DELETE joins
-    it: one statement per table whatever the number of keys. Why: chunked ``IN (…)``
-    lists cost SQLAlchemy a compile per 500 keys — ~20 s of deleting when a 1M-trade
-    file was sent again — and a per-key executemany was slower still.
-    """
-    if not table_names or len(keys) == 0:
-        return
-    first = table(table_names[0])
-    staged = Table(STAGED_KEYS, MetaData(), Column("key", first.c[column].type, nullable=False),
-                   prefixes=["TEMPORARY"])
-    # created and dropped inside the caller's transaction (DDL is transactional on SQLite
-    # and PostgreSQL): an error rolls the CREATE back too, so none is ever left behind
-    staged.create(conn)
-    insert_frame(conn, staged, pd.DataFrame({"key": pd.Series(keys).drop_duplicates().to_numpy()}))
-    for name in table_names:
-        tbl = table(name)
-        conn.execute(delete(tbl).where(tbl.c.domain == domain, tbl.c[column].in_(select(staged.c.key))))
-    staged.drop(conn)
-
-
-STAGED_KEYS = "meta_pipeline_staged_keys"  # a temporary table: this connection's own, gone with it
-
-
-def _has_rows(conn: Connection, table_name: str, domain: str) -> bool:
-    tbl = table(table_name)
-    return conn.execute(select(tbl.c.domain).where(tbl.c.domain == domain).limit(1)).first() is not None
-
-
-def _existing(store: MetaStore, conn: Connection, table_name: str, column: str, domain: str) -> pd.Series:
-    return store.read(table_name, domain=domain, columns=[column], conn=conn)[column]
-
-
 def ingest_trades_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> IngestReport:
+    """Validate a raw trades frame and land it (``MetaStore.write_trades_batch``: one transaction)."""
     batch = validate_trades(raw, lines, domain=domain, source=source)
-    now = pd.Timestamp.now(tz="UTC")
     report = IngestReport(domain, "trades", source, rows_read=batch.n_rows)
-    with store.write() as conn:
-        lock_partition(conn, "trades", domain)
-        existing = _existing(store, conn, "trades", "trade_id", domain)
-        batch_ids = batch.trades["trade_id"]
-        overlap = sorted(set(existing.to_numpy()).intersection(batch_ids.to_numpy()))
-        # every row of a re-sent trade goes, including child rows left behind by a trades
-        # partition replaced without its children (keyed by trade id, they would collide)
-        holding = [name for name in ("trade_patterns", "trade_scope", "trade_metrics") if _has_rows(conn, name, domain)]
-        _delete_keys(conn, (["trades"] if overlap else []) + holding, domain, "trade_id", batch_ids)
-        trades_rows = batch.trades.assign(ingested_at=now)
-        report.ingested = insert_frame(conn, table("trades"), trades_rows)
-        insert_frame(conn, table("trade_patterns"), batch.patterns)
-        insert_frame(conn, table("trade_scope"), batch.scope)
-        insert_frame(conn, table("trade_metrics"), batch.metrics)
-        report.quarantined = insert_frame(conn, table("quarantine"), batch.quarantine.assign(quarantined_at=now))
-        record_batch(conn, domain, "trades", source, report.ingested, report.quarantined, now)
-    report.replaced = len(overlap)
+    report.ingested, report.replaced, report.quarantined = store.write_trades_batch(
+        batch.trades, batch.patterns, batch.scope, batch.metrics, batch.quarantine, domain=domain, source=source,
+        now=pd.Timestamp.now(tz="UTC"))
     report.reasons = _reason_counts(batch.quarantine)
     return report
 
 
-def record_batch(conn: Connection, domain: str, kind: str, source: str, rows_ingested: int, rows_quarantined: int,
-                 ingested_at: pd.Timestamp | None = None) -> None:
-    """Log a landed batch (same transaction as its rows): what the sensors watch."""
-    if rows_ingested == 0:
-        return  # nothing new to learn from
-    insert_frame(conn, table("ingest_batches"), pd.DataFrame([{
-        "domain": domain, "kind": kind, "source": source, "rows_ingested": rows_ingested,
-        "rows_quarantined": rows_quarantined, "ingested_at": ingested_at or pd.Timestamp.now(tz="UTC")}]))
-
-
 def append_telemetry_rows(store: MetaStore, domain: str, rows: pd.DataFrame, source: str) -> int:
     """Telemetry written by a runtime (e.g. `meta-pipeline simulate`): validated rows + a batch record."""
-    validate_domain(domain)
-    now = pd.Timestamp.now(tz="UTC")
-    with store.write() as conn:
-        n = insert_frame(conn, table("telemetry"), rows.assign(domain=domain, source_file=source, ingested_at=now))
-        record_batch(conn, domain, "telemetry", source, n, 0, now)
-    return n
+    return store.append_runtime_telemetry(validate_domain(domain), rows, source)
 
 
 def ingest_telemetry_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> IngestReport:
+    """Validate a raw telemetry frame and land it (``MetaStore.write_telemetry_batch``: one transaction)."""
     batch = validate_telemetry(raw, lines, domain=domain, source=source)
-    now = pd.Timestamp.now(tz="UTC")
     report = IngestReport(domain, "telemetry", source, rows_read=batch.n_rows, ignored_columns=batch.ignored_columns)
-    with store.write() as conn:
-        lock_partition(conn, "telemetry", domain)
-        existing = _existing(store, conn, "telemetry", "ts", domain)
-        new_ts = pd.DatetimeIndex(batch.telemetry["ts"])
-        overlap = new_ts.intersection(pd.DatetimeIndex(existing))
-        if len(overlap):
-            _delete_keys(conn, ["telemetry"], domain, "ts", pd.Series(overlap))
-        report.ingested = insert_frame(conn, table("telemetry"), batch.telemetry.assign(ingested_at=now))
-        report.quarantined = insert_frame(conn, table("quarantine"), batch.quarantine.assign(quarantined_at=now))
-        record_batch(conn, domain, "telemetry", source, report.ingested, report.quarantined, now)
-    report.replaced = len(overlap)
+    report.ingested, report.replaced, report.quarantined = store.write_telemetry_batch(
+        batch.telemetry, batch.quarantine, domain=domain, source=source, now=pd.Timestamp.now(tz="UTC"))
     report.reasons = _reason_counts(batch.quarantine)
     return report
 

@@ -72,3 +72,39 @@ def knobs_to_unit(knobs: Mapping[str, float]) -> np.ndarray:
 
 def unit_to_knobs(unit: np.ndarray) -> dict[str, float]:
     return {n: KNOBS[n].from_unit(u) for n, u in zip(KNOB_NAMES, np.asarray(unit, dtype=float))}
+
+
+def parse_knobs(raw: Mapping[str, object] | str | None) -> dict[str, float]:
+    """Known knobs of a stored knob set (dict or its JSON), bounded; unknown names are ignored.
+
+    Stored sets (controller_state, configs, telemetry) may carry knobs an older or newer
+    version knew; reading them never fails on a name, and never lets a value out of bounds.
+    """
+    import json
+
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+    return clip_knobs({k: float(v) for k, v in values.items() if k in KNOBS})
+
+
+@dataclass(frozen=True)
+class KnobsInEffect:
+    """The knobs a domain runs with, and where they came from (``configs vN``, ``controller_state``, ``defaults``)."""
+
+    values: dict[str, float]
+    source: str
+
+
+def knobs_in_effect_rule(active_config: tuple[int, Mapping[str, object]] | None,
+                         controller_knobs: Mapping[str, object] | None,
+                         adopted_version: int) -> KnobsInEffect:
+    """THE rule for the knobs in effect (``MetaStore.knobs_in_effect`` reads its inputs).
+
+    An applied META_KNOBS config the controller has not adopted yet wins (a person just
+    applied it); once the controller has adopted that version (controller_state.
+    config_version ≥ it), the controller's knobs are newer and win; with neither, defaults.
+    """
+    if active_config is not None and active_config[0] > adopted_version:
+        return KnobsInEffect(parse_knobs(active_config[1]), f"configs v{active_config[0]}")
+    if controller_knobs is not None:
+        return KnobsInEffect(parse_knobs(controller_knobs), "controller_state")
+    return KnobsInEffect(default_knobs(), "defaults")

@@ -11,11 +11,8 @@ import pandas as pd
 import pytest
 from sqlalchemy import text
 
-from meta_pipeline.defs.governance.controller import (
-    _domain_seed,
-    controller_knobs_within_bounds,
-    controller_state,
-)
+from meta_pipeline.defs.governance.controller import controller_knobs_within_bounds, controller_state
+from meta_pipeline.meta.controller_policy import domain_seed as _domain_seed
 from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
@@ -23,14 +20,10 @@ from meta_pipeline.meta.controller import (
     cold_start,
     knob_bound_problems,
 )
-from meta_pipeline.lab.simulate import live_engine, live_tick_rows, published_knobs, run_live_fleet
+from meta_pipeline.lab.simulate import live_engine, run_live_fleet
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, default_knobs
 from meta_pipeline.store import MetaStore
-
-DOMAIN = "sim0"
-T0 = pd.Timestamp("2026-04-01", tz="UTC")
-STEP = pd.Timedelta(minutes=5)
-
+from meta_pipeline_tests.support.controller import DOMAIN, STEP, T0, write_ticks
 
 @pytest.fixture
 def tmp_store(tmp_path: Path) -> MetaStore:
@@ -51,16 +44,6 @@ def materialize(store: MetaStore, instance: dg.DagsterInstance, domain: str = DO
 
 def metadata(result: dg.ExecuteInProcessResult) -> dict:
     return {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node("controller_state")[0].metadata.items()}
-
-
-def write_ticks(store: MetaStore, n: int, first: int, domain: str = DOMAIN, seed: int = 0) -> None:
-    """n ticks of the domain's simulated engine, each running the knobs the controller publishes
-    (the engine follows the controller, as in `meta-pipeline simulate`)."""
-    engine = {domain: live_engine(domain, seed)}
-    rng = np.random.default_rng([seed, first])
-    for t in range(first, first + n):
-        knobs = published_knobs(store, [domain])
-        store.append("telemetry", live_tick_rows(engine, knobs, t, {domain: T0 + STEP * t}, rng))
 
 
 def test_decisions_are_appended_and_the_state_is_written(tmp_store, instance):
@@ -163,14 +146,14 @@ def test_knob_check_fails_on_out_of_bounds_knobs(tmp_store, instance, monkeypatc
     import meta_pipeline.defs.governance.controller as module
 
     write_ticks(tmp_store, 2, 0)
-    real_state_row = module._state_row
+    real_state_row = module.state_row
 
     def corrupt(domain, state, now, config_version):  # a writer that publishes an out-of-bounds knob
         row = real_state_row(domain, state, now, config_version)
         row["knobs_json"] = json.dumps({**state.knobs, "tau": 1.5})
         return row
 
-    monkeypatch.setattr(module, "_state_row", corrupt)
+    monkeypatch.setattr(module, "state_row", corrupt)
     result = materialize(tmp_store, instance)
     (evaluation,) = result.get_asset_check_evaluations()
     assert not evaluation.passed and "tau=1.5 outside" in evaluation.metadata["problems"].value

@@ -9,11 +9,10 @@ import pandas as pd
 
 from meta_pipeline.defs.governance.controller import controller_state
 from meta_pipeline.governance import lifecycle
-from meta_pipeline.governance.lifecycle import current_meta_knobs
 from meta_pipeline.knobs import KNOB_NAMES, default_knobs
 from meta_pipeline.store import MetaStore
-from meta_pipeline_tests.test_controller_asset import DOMAIN, T0, STEP, write_ticks
-from meta_pipeline_tests.test_lifecycle import proposal_frame
+from meta_pipeline_tests.support.controller import DOMAIN, STEP, T0, write_ticks
+from meta_pipeline_tests.support.proposals import proposal_frame
 
 
 def _materialize(store: MetaStore) -> dg.ExecuteInProcessResult:
@@ -30,7 +29,7 @@ def _meta(result: dg.ExecuteInProcessResult) -> dict:
 def test_an_applied_knob_proposal_reaches_the_learning_jobs_and_the_controller(store) -> None:
     write_ticks(store, 6, 0)
     assert _materialize(store).success
-    before, source = current_meta_knobs(store, DOMAIN)
+    before, source = store.knobs_in_effect(DOMAIN).values, store.knobs_in_effect(DOMAIN).source
     assert source == "controller_state"
     approved = {**before, "tau": 0.85 if before["tau"] > 0.9 else 0.97}
     frame = proposal_frame(target_id=DOMAIN, snapshot=before, proposed=approved, target_type="META_KNOBS",
@@ -40,7 +39,7 @@ def test_an_applied_knob_proposal_reaches_the_learning_jobs_and_the_controller(s
     lifecycle.apply(store, pid, "ann")
 
     # applied, not yet seen by the controller: every reader (learning jobs too) runs the approved knobs
-    knobs, source = current_meta_knobs(store, DOMAIN)
+    knobs, source = store.knobs_in_effect(DOMAIN).values, store.knobs_in_effect(DOMAIN).source
     assert source.startswith("configs v") and knobs["tau"] == approved["tau"]
 
     result = _materialize(store)  # no new telemetry: the controller adopts the config as a pending change
@@ -48,7 +47,7 @@ def test_an_applied_knob_proposal_reaches_the_learning_jobs_and_the_controller(s
     row = store.read("controller_state", domain=DOMAIN)
     assert json.loads(row["knobs_json"].iloc[0])["tau"] == approved["tau"]
     assert int(row["config_version"].iloc[0]) == lifecycle.active_config(store, "META_KNOBS", DOMAIN)[0]
-    knobs, source = current_meta_knobs(store, DOMAIN)
+    knobs, source = store.knobs_in_effect(DOMAIN).values, store.knobs_in_effect(DOMAIN).source
     assert source == "controller_state" and knobs["tau"] == approved["tau"]
 
     # adopted once: the next run does not re-inject it

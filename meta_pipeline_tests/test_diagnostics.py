@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from meta_pipeline.lab import synth
-from meta_pipeline.contracts import ContractError, validate_telemetry, validate_trades
+from meta_pipeline.contracts import ContractError
 from meta_pipeline.governance.diagnostics import (
     DiagnosticsInputs,
     DiagnosticsSettings,
@@ -21,54 +21,8 @@ from meta_pipeline.governance.diagnostics import (
 )
 from meta_pipeline.knobs import KNOB_NAMES
 from meta_pipeline.store import MetaStore
-
-START = pd.Timestamp("2026-07-01", tz="UTC")
-
-
-# ---------------------------------------------------------------------------
-# helpers shared with test_proposals
-# ---------------------------------------------------------------------------
-
-
-def domain_frames(data: synth.DomainData) -> dict[str, pd.DataFrame]:
-    """A synth domain in the store's layout (all trades, so realized and backtest cover one window)."""
-    raw = synth.trades_contract_frame(data.trades)
-    batch = validate_trades(raw, np.arange(len(raw)) + 2, domain=data.domain, source="synth")
-    tel = validate_telemetry(data.telemetry, np.arange(len(data.telemetry)) + 2, domain=data.domain, source="synth")
-    return {"trades": batch.trades, "trade_patterns": batch.patterns, "trade_scope": batch.scope,
-            "trade_metrics": batch.metrics, "telemetry": tel.telemetry, "backtest_runs": data.backtests}
-
-
-def inputs_for(data: synth.DomainData, **extra) -> DiagnosticsInputs:
-    f = domain_frames(data)
-    return DiagnosticsInputs(domain=data.domain, trades=f["trades"], trade_patterns=f["trade_patterns"],
-                             trade_scope=f["trade_scope"], backtest_runs=f["backtest_runs"], telemetry=f["telemetry"],
-                             **extra)
-
-
-def load_fleet(store: MetaStore, fleet: synth.Fleet) -> None:
-    for data in fleet.domains.values():
-        for table, frame in domain_frames(data).items():
-            store.append(table, frame)
-
-
-def engine_telemetry(sensitivity: dict[str, float], *, n: int, seed: int, resource_coupling: float = 0.0,
-                     optimum: dict[str, float] | None = None) -> pd.DataFrame:
-    """SimEngine telemetry under random exploration, in the store layout (knob_<name>)."""
-    rng = np.random.default_rng(seed)
-    engine = synth.make_engine("d", rng)
-    engine.sensitivity = {k: float(sensitivity.get(k, 0.0)) for k in KNOB_NAMES}
-    engine.resource_coupling = resource_coupling
-    if optimum:
-        engine.optimum = optimum
-    tel = synth.simulate_telemetry(engine, synth.exploration_knobs(n, rng), start=START,
-                                   every=pd.Timedelta(minutes=5), rng=rng)
-    return tel.rename(columns={f"knob.{k}": f"knob_{k}" for k in KNOB_NAMES})
-
-
-def _tiny_trades() -> pd.DataFrame:
-    return pd.DataFrame({"trade_id": ["t1", "t2"], "regime": ["S0", "S0"], "strategy_id": ["a", "a"],
-                         "return_r": [0.1, 0.2]})
+from meta_pipeline_tests.support.frames import START, domain_frames, engine_telemetry, inputs_for, load_fleet
+from meta_pipeline_tests.support.frames import tiny_trades as _tiny_trades
 
 
 # ---------------------------------------------------------------------------

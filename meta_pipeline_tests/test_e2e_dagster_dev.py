@@ -32,7 +32,7 @@ from meta_pipeline.commands.graphql import launch_partition_backfill
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.store import MetaStore
 from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
-from meta_pipeline_tests.e2e_support import (
+from meta_pipeline_tests.support.e2e import (
     DagsterDev,
     E2EEnvironment,
     job_partitions,

@@ -140,12 +140,12 @@ def test_resending_a_fleet_file_replaces_every_row_on_both_databases(tmp_path, a
     want = changed.set_index("trade_id")["return_r"].sort_index()
     assert np.allclose(got.to_numpy(), want.loc[got.index].to_numpy())
     # a re-send failing after its deletes leaves every row, and no staging table behind
-    import meta_pipeline.ingest as ingest_mod
+    from meta_pipeline.store import MetaStore
 
     def fail(*args, **kwargs):
         raise RuntimeError("crash after the deletes")
 
-    monkeypatch.setattr(ingest_mod, "record_batch", fail)
+    monkeypatch.setattr(MetaStore, "record_batch", staticmethod(fail))
     with pytest.raises(RuntimeError, match="crash after the deletes"):
         ingest_file(any_store, "trades", trades_path, "a")
     assert {t: any_store.count(t, "a") for t in counts} == counts

@@ -12,27 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meta_pipeline.defs.learning import assets as learning_assets
-from meta_pipeline.defs.learning import checks as learning_checks
 from meta_pipeline.learning.predict import predict_file, predict_trades
 from meta_pipeline.store import MetaStore
 from meta_pipeline.lab.synth import generate_fleet, write_trades_file
-from meta_pipeline_tests.test_learning_core import source_frames
+from meta_pipeline_tests.support.code_location import asset_check_keys, asset_names, unbound_definitions_for
+from meta_pipeline_tests.support.frames import source_frames
 
-ASSETS = [
-    learning_assets.lessons,
-    learning_assets.edge_history,
-    learning_assets.half_life_fits,
-    learning_assets.latent_factors,
-    learning_assets.regime_weights,
-    learning_assets.pm_overrides,
-]
-CHECKS = [
-    learning_checks.half_life_cis_ordered,
-    learning_checks.every_lesson_has_a_factor,
-    learning_checks.overrides_are_well_formed,
-    learning_checks.regime_weights_finite,
-]
+# Which assets and checks are "the learning assets": the code location's definitions say.
+LEARNING = dg.AssetSelection.groups("learning")
+# The table each of them writes, one per asset.
 TABLES = [
     "learning_lessons",
     "learning_edge_history",
@@ -64,7 +52,8 @@ def _load_store(store: MetaStore, data) -> None:
 
 
 def _run(store: MetaStore, instance: dg.DagsterInstance, domain: str) -> dg.ExecuteInProcessResult:
-    return dg.materialize([*ASSETS, *CHECKS], partition_key=domain, instance=instance, resources={"store": store})
+    return dg.materialize(unbound_definitions_for(LEARNING), partition_key=domain, instance=instance,
+                          resources={"store": store})
 
 
 def _snapshot(store: MetaStore, domain: str) -> dict[str, pd.DataFrame]:
@@ -106,7 +95,7 @@ def test_learning_assets_populate_tables_with_checks_and_plots(materialized, dom
 
     # every check ran and passed
     evaluations = first.get_asset_check_evaluations()
-    assert {e.check_name for e in evaluations} == {k.name for c in CHECKS for k in c.check_keys}
+    assert {e.check_name for e in evaluations} == {k.name for k in asset_check_keys(LEARNING)}
     assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
 
     # metadata: counts everywhere, plots where a person looks
@@ -114,7 +103,8 @@ def test_learning_assets_populate_tables_with_checks_and_plots(materialized, dom
     for event in first.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         materializations[mat.asset_key.to_user_string()] = mat.metadata
-    assert set(materializations) == {a.key.to_user_string() for a in ASSETS}
+    assert set(materializations) == asset_names(LEARNING)
+    assert len(materializations) == len(TABLES), "a learning asset whose table this test does not check"
     for key, meta in materializations.items():
         assert "dagster/row_count" in meta, key
     for key, plot in PLOTS.items():

@@ -25,7 +25,8 @@ from meta_pipeline.learning.lessons import edge_history, match_lessons, mine_les
 from meta_pipeline.lab.naive import naive_latent_factors, naive_overrides
 from meta_pipeline.learning.overrides import materialize_overrides, predict, predict_sum_all_lessons
 from meta_pipeline.learning.regime import fit_regime_weights, metric_term
-from meta_pipeline.lab.synth import generate_fleet, trades_contract_frame
+from meta_pipeline.lab.synth import generate_fleet
+from meta_pipeline_tests.support.frames import source_frames, validated_batch
 
 ACCEPTANCE_SEEDS = (0, 1, 2)  # factors, regime weights, overrides
 HALF_LIFE_SEEDS = (0, 1, 2, 3, 4, 5)  # more seeds: a planted family's 3 lessons succeed or fail together
@@ -39,15 +40,9 @@ TRADE_SD = 1.05  # noise sd of one trade's lift (synth noise_sd = 1 plus other l
 # ---------------------------------------------------------------------------
 
 
-def source_frames(data, which: str = "train") -> TradesBatch:
-    """A synth domain's trades as the four source-table frames, through the ingest contract."""
-    trades = {"train": data.train_trades, "holdout": data.holdout_trades, "all": data.trades}[which]
-    return _validated(data.domain, trades)
-
-
 def source_frames_split(data) -> tuple[TradesBatch, TradesBatch]:
     """(train, holdout) source frames, validated in one pass."""
-    batch = _validated(data.domain, data.trades)
+    batch = validated_batch(data.domain, data.trades)
     is_train = (batch.trades["closed_at"] < data.truth.train_end).to_numpy()
     train_ids = batch.trades["trade_id"].to_numpy()[is_train]
 
@@ -100,15 +95,6 @@ def synth_frames_split(data) -> tuple[TradesBatch, TradesBatch]:
         return TradesBatch(*frames, quarantine=pd.DataFrame())
 
     return part(True), part(False)
-
-
-def _validated(domain: str, trades: pd.DataFrame) -> TradesBatch:
-    raw = trades_contract_frame(trades)
-    raw.attrs = {}  # synth keeps arrays in attrs; pandas cannot compare them on concat
-    raw = raw.astype(object).where(raw.notna(), "").astype(str)
-    batch = validate_trades(raw, np.arange(len(raw)) + 2, domain=domain, source="synth")
-    assert batch.quarantine.empty, batch.quarantine.head()
-    return batch
 
 
 def _expected_lambda_z(e0_lift: float, lam: float, n_lesson: int, days: float) -> float:
@@ -258,6 +244,7 @@ def half_life_runs() -> list[Run]:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # its fixture fits six 100k-trade domains (~11 s)
 def test_half_lives_recover_planted_decay(half_life_runs):
     runs = half_life_runs
     rows = pd.concat([r.half_life_rows().assign(seed=s) for s, r in zip(HALF_LIFE_SEEDS, runs)], ignore_index=True)

@@ -13,21 +13,9 @@ import pytest
 from meta_pipeline.commands import proposals as proposals_cmd
 from meta_pipeline.governance import lifecycle
 from meta_pipeline.governance.lifecycle import ProposalError
-from meta_pipeline.governance.proposals import canonical_json, evidence_hash
+from meta_pipeline.governance.proposals import canonical_json
 from meta_pipeline.store import MetaStore
-
-SNAPSHOT = {"strategy_id": "beta", "regime_weights": {"S0": 1.0, "S1": 1.0, "S2": 1.0}}
-PROPOSED = {"strategy_id": "beta", "regime_weights": {"S0": 1.0, "S1": 0.6, "S2": 1.0}}
-
-
-def proposal_frame(target_id: str = "d1/beta", snapshot: dict = SNAPSHOT, proposed: dict = PROPOSED,
-                   confidence: float = 0.8, target_type: str = "STRATEGY_CONFIG", part: str = "shortfall:S1") -> pd.DataFrame:
-    return pd.DataFrame([{
-        "domain": target_id.split("/")[0], "target_type": target_type, "target_id": target_id,
-        "current_config_snapshot_json": canonical_json(snapshot), "proposed_config_json": canonical_json(proposed),
-        "rationale_text": "beta falls short of its backtests in S1", "evidence_json": json.dumps({"parts": []}),
-        "evidence_hash": evidence_hash(target_type, target_id, snapshot, proposed, [part]), "confidence": confidence,
-    }])
+from meta_pipeline_tests.support.proposals import PROPOSED, SNAPSHOT, proposal_frame
 
 
 def new_proposal(store: MetaStore, **kw) -> str:
@@ -245,7 +233,7 @@ def test_concurrent_approval_sqlite_threads(store):
     lifecycle.approve(store, pid, "ann")
     wins, errors = _race(store, pid, "apply")
     assert len(wins) == 1 and len(errors) == 1
-    assert store.read("configs", where="target_id = 'dx/beta'")["version"].tolist() == [1]
+    assert store.read("configs", equals={"target_id": "dx/beta"})["version"].tolist() == [1]
     assert list(lifecycle.change_log(store, pid)["action"]) == ["approve", "apply"]
 
 
@@ -277,7 +265,7 @@ def test_concurrent_apply_postgresql(pg_store, monkeypatch):
     assert list(lifecycle.change_log(pg_store, pid)["action"]) == ["approve", "apply"]
     monkeypatch.undo()  # back to one actor at a time
     lifecycle.revert(pg_store, pid, "ann")
-    assert pg_store.read("configs", where="active")["config_json"].iloc[0] == canonical_json(SNAPSHOT)
+    assert pg_store.read("configs", equals={"active": True})["config_json"].iloc[0] == canonical_json(SNAPSHOT)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import pytest
 from meta_pipeline.contracts import ContractError
 from meta_pipeline.defs.meta.priors import domain_priors, global_prior
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS
-from meta_pipeline.meta.prior_store import latest_global_prior, read_global_prior
 from meta_pipeline.store import MetaStore
 from meta_pipeline.lab.synth import exploration_knobs, make_engine, simulate_telemetry
 
@@ -64,7 +63,7 @@ def test_domain_priors_then_global_prior_appends_versions(setup):
     assert (priors.groupby("domain").size() == len(KNOB_NAMES)).all()
     assert (priors["n_obs"] == 120).all()
 
-    assert latest_global_prior(store) is None
+    assert store.read_global_prior() is None
     first = _materialize_global(store, instance)
     assert first.success
     v1 = store.read("global_prior")
@@ -86,14 +85,15 @@ def test_domain_priors_then_global_prior_appends_versions(setup):
     # version 1 is untouched: appended, never overwritten
     again_v1 = both[both["version"] == 1].sort_values("knob").reset_index(drop=True)
     pd.testing.assert_frame_equal(again_v1, v1.sort_values("knob").reset_index(drop=True))
-    v2 = read_global_prior(store)
+    v2 = store.read_global_prior()
     assert v2.version == 2 and v2.epsilon == pytest.approx(0.5)
-    latest = latest_global_prior(store)
+    # the newest version (no number asked) is version 2 as written: its rows in the table
+    latest = dict(zip(both.loc[both["version"] == 2, "knob"], both.loc[both["version"] == 2, "value"]))
     assert latest == v2.values
     for k, spec in KNOBS.items():
         assert spec.low <= latest[k] <= spec.high
     # same inputs: the Reptile step from v1 toward the same target stays at the target
-    assert v2.continuous["tau"] == pytest.approx(read_global_prior(store, 1).continuous["tau"])
+    assert v2.continuous["tau"] == pytest.approx(store.read_global_prior(1).continuous["tau"])
 
 
 def test_rematerializing_a_domain_replaces_its_rows_only(setup):
@@ -128,7 +128,7 @@ def test_a_domain_without_telemetry_is_reported_and_ignored(setup):
     assert store.count("domain_priors", domain="empty") == 0
     assert len(store.read("domain_priors")) == len(before)  # nothing else lost
     assert _materialize_global(store, instance).success
-    v1 = read_global_prior(store)
+    v1 = store.read_global_prior()
     assert v1.n_domains == 3 and "empty" not in v1.details["domains"]
 
 
@@ -160,7 +160,7 @@ def test_an_outlier_domain_is_flagged_in_the_global_prior(tmp_path):
     for d in names:
         _materialize_priors(store, instance, d)
     assert _materialize_global(store, instance).success
-    details = read_global_prior(store).details["domains"]
+    details = store.read_global_prior().details["domains"]
     assert details["odd"]["outlier"] and details["odd"]["weight"] == 0.0
     assert not any(details[d]["outlier"] for d in names[:4])
     assert details["odd"]["shift_distance"] > max(details[d]["shift_distance"] for d in names[:4])

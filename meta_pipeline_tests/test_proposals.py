@@ -21,7 +21,8 @@ from meta_pipeline.governance.proposals import (
 )
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, default_knobs
 from meta_pipeline.store import MetaStore
-from meta_pipeline_tests.test_diagnostics import _tiny_trades, engine_telemetry, inputs_for, load_fleet
+from meta_pipeline_tests.support.frames import engine_telemetry, inputs_for, load_fleet
+from meta_pipeline_tests.support.frames import tiny_trades as _tiny_trades
 
 
 def _diagnostics(fleet: synth.Fleet, telemetry: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:

@@ -213,7 +213,6 @@ def test_meta_train_vectorized_path_and_divergence_guard():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_sinusoid_reptile_beats_pretrained_baseline():
     # Same task family, K=10 shots, 10 SGD fine-tuning steps and 100 held-out
     # tasks as the full check; only the meta-training budget is reduced.

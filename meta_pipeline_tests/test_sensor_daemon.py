@@ -43,8 +43,8 @@ def instance(tmp_path: Path):
 
 
 def test_two_requests_with_one_key_in_one_tick_launch_one_run(instance) -> None:
-    _tick(instance, "meta_pipeline_tests.dup_key_defs", "dup_key_defs")
-    _tick(instance, "meta_pipeline_tests.dup_key_defs", "dup_key_defs")
+    _tick(instance, "meta_pipeline_tests.support.dup_key_defs", "dup_key_defs")
+    _tick(instance, "meta_pipeline_tests.support.dup_key_defs", "dup_key_defs")
     assert len(_runs(instance, "tiny_job")) == 1
 
 

@@ -133,7 +133,7 @@ def _pattern_rows(domain: str, values: list[str]) -> pd.DataFrame:
 
 
 def test_text_reads_in_one_blob_equal_row_by_row_and_fall_back_on_separators(store: MetaStore, monkeypatch) -> None:
-    import meta_pipeline.store.core as store_mod
+    import meta_pipeline.store.frames as store_mod
 
     clean = ["F0.buy_flag", "", "é ünïcode", "tab\there", "x" * 200] * 40
     dirty = ["a\x1fb", "line\nbreak", "cr\rhere", "\x1f\n"] + clean[:6]

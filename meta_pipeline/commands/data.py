@@ -63,7 +63,7 @@ def _load_fleet(store: MetaStore, fleet, folder: Path, fmt: str, register: bool)
         store.replace_partition("backtest_runs", name, fleet.domains[name].backtests)
     domains = list(paths)
     if register:
-        from meta_pipeline.defs.orchestration import get_instance, register_domains
+        from meta_pipeline.commands.orchestration import get_instance, register_domains
 
         register_domains(get_instance(), domains)
     return domains
@@ -88,7 +88,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     if not args.no_dagster:
-        from meta_pipeline.defs.orchestration import get_instance, register_domains, report_ingest
+        from meta_pipeline.commands.orchestration import get_instance, register_domains, report_ingest
 
         instance = get_instance()
         if register_domains(instance, [domain]):
@@ -106,7 +106,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meta_pipeline.defs.orchestration import get_instance, run_domain_job, run_fleet_job
+    from meta_pipeline.commands.orchestration import get_instance, run_domain_job, run_fleet_job
     from meta_pipeline.lab.synth import FleetConfig, generate_fleet
 
     started = time.perf_counter()
@@ -162,7 +162,7 @@ def _print_top_overrides(store: MetaStore, domain: str) -> None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from meta_pipeline.defs.orchestration import get_instance, run_domain_job, run_fleet_job
+    from meta_pipeline.commands.orchestration import get_instance, run_domain_job, run_fleet_job
 
     instance = get_instance()
     known = instance.get_dynamic_partitions("domain")

@@ -180,7 +180,7 @@ def _live(args: argparse.Namespace) -> int:
     if not args.no_register or args.drive:
         import dagster as dg
 
-        from meta_pipeline.defs.orchestration import get_instance, register_domains
+        from meta_pipeline.commands.orchestration import get_instance, register_domains
 
         instance = get_instance() if not args.no_register else dg.DagsterInstance.ephemeral()
         new = register_domains(instance, names)
@@ -200,11 +200,12 @@ def _driver(store, names: list[str], instance):
     import dagster as dg
 
     from meta_pipeline.defs.governance.controller import controller_state
+    from meta_pipeline.defs.resources import StoreResource
 
     def after_round(tick: int) -> None:
         for name in names:
             result = dg.materialize([controller_state], partition_key=name, instance=instance,
-                                    resources={"store": store}, raise_on_error=False)
+                                    resources={"store": StoreResource(db_url=store.db_url)}, raise_on_error=False)
             if not result.success:
                 raise RuntimeError(f"controller_state[{name}] failed at tick {tick}")
 

@@ -25,7 +25,7 @@ import dagster as dg
 import pandas as pd
 
 from meta_pipeline.contracts import DOMAIN_RE
-from meta_pipeline.defs.resources import domain_partitions
+from meta_pipeline.defs.resources import StoreParam, domain_partitions
 from meta_pipeline.store import MetaStore
 
 learning_sensor_job = dg.define_asset_job(
@@ -64,14 +64,7 @@ class BatchCursor:
 
 def new_batches(store: MetaStore, kind: str, cursor: BatchCursor) -> pd.DataFrame:
     """Batches past the cursor by id OR by time (a reset store restarts ids, not the clock)."""
-    where = "kind = :kind AND (id > :last_id"
-    params: dict = {"kind": kind, "last_id": cursor.last_id}
-    if cursor.last_ingested_at:
-        where += " OR ingested_at > :last_ts"
-        params["last_ts"] = pd.Timestamp(cursor.last_ingested_at).strftime("%Y-%m-%d %H:%M:%S.%f") \
-            if store.dialect == "sqlite" else pd.Timestamp(cursor.last_ingested_at).to_pydatetime()
-    where += ")"
-    return store.read("ingest_batches", where=where, params=params, order_by="id")
+    return store.batches_after(kind, cursor.last_id, cursor.last_ingested_at or None)
 
 
 def plan_batch_runs(batches: pd.DataFrame, cursor: BatchCursor, prefix: str) -> tuple[list[dg.RunRequest], BatchCursor, list[str]]:
@@ -103,7 +96,7 @@ def plan_batch_runs(batches: pd.DataFrame, cursor: BatchCursor, prefix: str) -> 
     return requests, moved, invalid
 
 
-def _batch_sensor_result(context: dg.SensorEvaluationContext, store: MetaStore, kind: str, prefix: str) -> dg.SensorResult:
+def _batch_sensor_result(context: dg.SensorEvaluationContext, store: StoreParam, kind: str, prefix: str) -> dg.SensorResult:
     cursor = BatchCursor.parse(context.cursor)
     requests, moved, invalid = plan_batch_runs(new_batches(store, kind, cursor), cursor, prefix)
     for name in invalid:
@@ -123,7 +116,7 @@ def _batch_sensor_result(context: dg.SensorEvaluationContext, store: MetaStore, 
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="New trades for a domain -> its learning assets (one run per domain per batch).",
 )
-def new_trades_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> dg.SensorResult:
+def new_trades_sensor(context: dg.SensorEvaluationContext, store: StoreParam) -> dg.SensorResult:
     return _batch_sensor_result(context, store, "trades", "learn")
 
 
@@ -133,7 +126,7 @@ def new_trades_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> 
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="New telemetry for a domain -> its integrative update (controller_state).",
 )
-def new_telemetry_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> dg.SensorResult:
+def new_telemetry_sensor(context: dg.SensorEvaluationContext, store: StoreParam) -> dg.SensorResult:
     return _batch_sensor_result(context, store, "telemetry", "control")
 
 

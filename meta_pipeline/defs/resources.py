@@ -1,6 +1,12 @@
-"""Shared Dagster plumbing: the domain partitions, the store resource key, metadata helpers.
+"""Shared Dagster plumbing: the store resource, the domain partitions, metadata helpers.
 
-Kept outside `defs/` so the autoloader does not treat these helpers as definitions.
+``StoreResource`` is the thin Dagster face of ``meta_pipeline.store.MetaStore``: it
+holds the URL (env ``META_PIPELINE_DB_URL``), and for each run hands the assets one
+MetaStore with its own read cache (with the in-process executor all of a run's steps
+share it, so the learning assets read a domain's source tables once). Assets take it
+as ``store: StoreParam`` (= ``dg.ResourceParam[MetaStore]``): plain store methods, no
+Dagster types in the cores. (The autoloader of ``defs/`` collects definitions objects
+only; the helpers here are none.)
 """
 
 from __future__ import annotations
@@ -13,13 +19,28 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
+from pydantic import Field
+
 from meta_pipeline.contracts import validate_domain
-from meta_pipeline.governance.lifecycle import current_meta_knobs as current_knobs  # noqa: F401 - re-exported
+from meta_pipeline.paths import default_db_url
+from meta_pipeline.store import MetaStore, ReadCache
 
 # A domain appears the first time data for it is ingested.
 domain_partitions = dg.DynamicPartitionsDefinition(name="domain")
 
 STORE_KEY = "store"
+StoreParam = dg.ResourceParam[MetaStore]
+
+
+class StoreResource(dg.ConfigurableResource):
+    """The data store (any SQLAlchemy URL): one MetaStore with a fresh read cache per run."""
+
+    db_url: str = Field(default_factory=default_db_url,
+                        description="SQLAlchemy URL; default env META_PIPELINE_DB_URL, else data/meta.db (SQLite)")
+
+    def create_resource(self, context: dg.InitResourceContext) -> MetaStore:  # type: ignore[override]
+        """What the assets receive (documented ConfigurableResource pattern: config object ≠ runtime object)."""
+        return MetaStore(self.db_url, read_cache=ReadCache())
 
 
 def partition_domain(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> str:

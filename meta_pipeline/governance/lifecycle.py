@@ -34,13 +34,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Connection
 
-from meta_pipeline.contracts import config_change_log, configs, meta_controller_config_proposals, validate_domain
+from meta_pipeline.contracts import meta_controller_config_proposals
 from meta_pipeline.governance.proposals import PROPOSAL_COLUMNS, TARGET_TYPES, canonical
-from meta_pipeline.knobs import clip_knobs, default_knobs
-from meta_pipeline.store import MetaStore, insert_frame
+from meta_pipeline.store import MetaStore, insert_frame, lock
+from meta_pipeline.store import configs as config_rows
 
 PROPOSALS_TABLE = "meta_controller_config_proposals"
 STATUSES = ("PENDING", "APPROVED", "REJECTED", "APPLIED", "REVERTED")
@@ -122,12 +121,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _lock(conn: Connection, key: str) -> None:
-    """Serialize writers on one key. PostgreSQL: transaction advisory lock; SQLite already holds the DB lock."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
-
-
 # ---------------------------------------------------------------------------
 # reads
 # ---------------------------------------------------------------------------
@@ -136,62 +129,29 @@ def _lock(conn: Connection, key: str) -> None:
 def list_proposals(store: MetaStore, status: str | None = None) -> pd.DataFrame:
     if status is not None and status.upper() not in STATUSES:
         raise ValueError(f"unknown status {status!r}; known: {', '.join(STATUSES)}")
-    where, params = ("status = :s", {"s": status.upper()}) if status else (None, None)
-    return store.read(PROPOSALS_TABLE, where=where, params=params, order_by="created_at, proposal_id")
+    equals = {"status": status.upper()} if status else None
+    return store.read(PROPOSALS_TABLE, equals=equals, order_by=["created_at", "proposal_id"])
 
 
 def get_proposal(store: MetaStore, proposal_id: str) -> dict[str, Any]:
-    rows = store.read(PROPOSALS_TABLE, where="proposal_id = :i", params={"i": proposal_id})
+    rows = store.read(PROPOSALS_TABLE, equals={"proposal_id": proposal_id})
     if rows.empty:
         raise ProposalError(proposal_id, "show", None)
     return rows.iloc[0].to_dict()
 
 
 def change_log(store: MetaStore, proposal_id: str | None = None) -> pd.DataFrame:
-    where, params = ("proposal_id = :i", {"i": proposal_id}) if proposal_id else (None, None)
-    return store.read("config_change_log", where=where, params=params, order_by="id")
-
-
-def _active_row(conn: Connection, target_type: str, target_id: str) -> tuple[int, str] | None:
-    """(version, config_json text) of the target's active configs row, or None."""
-    row = conn.execute(
-        select(configs.c.version, configs.c.config_json)
-        .where(configs.c.target_type == target_type, configs.c.target_id == target_id, configs.c.active.is_(True))
-        .order_by(configs.c.version.desc()).limit(1)
-    ).first()
-    return None if row is None else (int(row.version), str(row.config_json))
+    equals = {"proposal_id": proposal_id} if proposal_id else None
+    return store.read("config_change_log", equals=equals, order_by="id")
 
 
 def active_config(store: MetaStore, target_type: str, target_id: str) -> tuple[int, dict] | None:
     """(version, config) of the target's active configs row, or None."""
-    with store.read_conn() as conn:
-        row = _active_row(conn, target_type, target_id)
-    return None if row is None else (row[0], json.loads(row[1]))
+    return store.active_config(target_type, target_id)
 
 
 def active_configs(store: MetaStore) -> dict[tuple[str, str], dict]:
-    rows = store.read("configs", where="active = :a", params={"a": True}, columns=["target_type", "target_id", "config_json"])
-    return {(tt, tid): json.loads(cfg) for tt, tid, cfg in zip(rows["target_type"], rows["target_id"], rows["config_json"])}
-
-
-def current_meta_knobs(store: MetaStore, domain: str) -> tuple[dict[str, float], str]:
-    """The knobs a domain runs with — the one rule every reader uses.
-
-    An applied META_KNOBS config the controller has not adopted yet wins (a person just
-    applied it); once the controller has adopted that version (controller_state.
-    config_version ≥ it), the controller's knobs are newer and win; with neither, defaults.
-    """
-    validate_domain(domain)
-    active = active_config(store, "META_KNOBS", domain)
-    state = store.read("controller_state", domain=domain, columns=["knobs_json", "config_version"])
-    adopted = int(state["config_version"].iloc[0]) if len(state) and pd.notna(state["config_version"].iloc[0]) else 0
-    if active is not None and active[0] > adopted:
-        known = {k: v for k, v in active[1].items() if k in default_knobs()}
-        return clip_knobs(known), f"configs v{active[0]}"
-    if len(state):
-        known = {k: v for k, v in json.loads(state["knobs_json"].iloc[0]).items() if k in default_knobs()}
-        return clip_knobs(known), "controller_state"
-    return default_knobs(), "defaults"
+    return store.active_configs()
 
 
 # ---------------------------------------------------------------------------
@@ -214,13 +174,13 @@ def insert_proposals(store: MetaStore, proposals: pd.DataFrame, now: datetime | 
         raise ValueError(f"confidence outside [0, 1] for {int(bad_conf.sum())} proposal(s)")
     now = now or _now()
     with store.write() as conn:
-        _lock(conn, "meta_controller_config_proposals:insert")  # two proposal runs never interleave
-        pending = set(conn.execute(select(_P.c.evidence_hash).where(_P.c.status == "PENDING")).scalars())
+        lock(conn, "meta_controller_config_proposals:insert")  # two proposal runs never interleave
+        pending = config_rows.pending_evidence_hashes(conn)
         fresh = proposals[~proposals["evidence_hash"].isin(pending)].drop_duplicates("evidence_hash")
         report.duplicates = sorted(set(proposals["evidence_hash"]) - set(fresh["evidence_hash"]))
         if fresh.empty:
             return report
-        ids = [m.group(1) for m in map(_ID_RE.match, conn.execute(select(_P.c.proposal_id)).scalars()) if m]
+        ids = [m.group(1) for m in map(_ID_RE.match, config_rows.proposal_ids(conn)) if m]
         start = max((int(i) for i in ids), default=0) + 1
         frame = fresh[PROPOSAL_COLUMNS].copy()
         frame.insert(0, "proposal_id", [f"P{start + i:06d}" for i in range(len(frame))])
@@ -248,7 +208,7 @@ def transition(store: MetaStore, proposal_id: str, action: str, actor: str) -> T
         raise ValueError(f"actor {AUTO_ACTOR!r} is reserved for the auto-apply policy, and auto_apply is done only by it")
     allowed, new_status = TRANSITIONS[action]
     with store.write() as conn:
-        row = conn.execute(select(_P).where(_P.c.proposal_id == proposal_id)).mappings().first()
+        row = config_rows.proposal_row(conn, proposal_id)
         if row is None:
             raise ProposalError(proposal_id, action, None)
         if row["status"] not in allowed:
@@ -258,47 +218,34 @@ def transition(store: MetaStore, proposal_id: str, action: str, actor: str) -> T
         values: dict[str, Any] = {"status": new_status, "status_changed_at": now}
         if action in ("approve", "reject", "auto_apply"):
             values["reviewed_by"] = actor
-        changed = conn.execute(
-            update(_P).where(_P.c.proposal_id == proposal_id, _P.c.status == row["status"]).values(**values)
-        ).rowcount
+        changed = config_rows.update_proposal_if(conn, proposal_id, row["status"], values)
         if changed != 1:  # someone else moved it between our read and our update
-            current = conn.execute(select(_P.c.status).where(_P.c.proposal_id == proposal_id)).scalar()
+            current = config_rows.proposal_status(conn, proposal_id)
             raise ProposalError(proposal_id, action, current, "changed concurrently by someone else")
         result = TransitionResult(proposal_id, action, actor, row["status"], new_status)
         before = after = None
         if action in ("apply", "auto_apply"):
             result.from_version, result.to_version, before, after = _apply_config(conn, row, actor, now)
-            conn.execute(update(_P).where(_P.c.proposal_id == proposal_id).values(
-                applied_at=now, applied_by=actor, applied_config_version=result.to_version))
+            config_rows.update_proposal(conn, proposal_id, {
+                "applied_at": now, "applied_by": actor, "applied_config_version": result.to_version})
         elif action == "revert":
             result.from_version, result.to_version, before, after = _revert_config(conn, row, actor, now)
-        conn.execute(config_change_log.insert().values(
-            changed_at=now, proposal_id=proposal_id, action=action, actor=actor, target_type=row["target_type"],
+        config_rows.append_change_log(
+            conn, changed_at=now, proposal_id=proposal_id, action=action, actor=actor, target_type=row["target_type"],
             target_id=row["target_id"], from_version=result.from_version, to_version=result.to_version,
-            before_json=before, after_json=after))
+            before_json=before, after_json=after)
     return result
 
 
-def _next_version(conn: Connection, target_type: str, target_id: str) -> int:
-    top = conn.execute(select(func.max(configs.c.version)).where(
-        configs.c.target_type == target_type, configs.c.target_id == target_id)).scalar()
-    return int(top or 0) + 1
-
-
 def _write_version(conn: Connection, row: Mapping, config_json: str, actor: str, now: datetime) -> int:
-    tt, tid = row["target_type"], row["target_id"]
-    version = _next_version(conn, tt, tid)
-    conn.execute(update(configs).where(configs.c.target_type == tt, configs.c.target_id == tid,
-                                       configs.c.active.is_(True)).values(active=False))
-    conn.execute(configs.insert().values(target_type=tt, target_id=tid, version=version, config_json=config_json,
-                                         active=True, created_at=now, created_by=actor, proposal_id=row["proposal_id"]))
-    return version
+    return config_rows.write_config_version(conn, row["target_type"], row["target_id"], config_json, actor, now,
+                                            row["proposal_id"])
 
 
 def _apply_config(conn: Connection, row: Mapping, actor: str, now: datetime) -> tuple[int | None, int, str, str]:
     tt, tid = row["target_type"], row["target_id"]
-    _lock(conn, f"configs:{tt}:{tid}")
-    active = _active_row(conn, tt, tid)
+    lock(conn, f"configs:{tt}:{tid}")
+    active = config_rows.active_config_row(conn, tt, tid)
     snapshot = json.loads(row["current_config_snapshot_json"])
     if active is not None and canonical(json.loads(active[1])) != canonical(snapshot):
         raise ProposalError(row["proposal_id"], "apply", row["status"],
@@ -311,8 +258,8 @@ def _apply_config(conn: Connection, row: Mapping, actor: str, now: datetime) -> 
 
 def _revert_config(conn: Connection, row: Mapping, actor: str, now: datetime) -> tuple[int, int, str, str]:
     tt, tid = row["target_type"], row["target_id"]
-    _lock(conn, f"configs:{tt}:{tid}")
-    active = _active_row(conn, tt, tid)
+    lock(conn, f"configs:{tt}:{tid}")
+    active = config_rows.active_config_row(conn, tt, tid)
     applied = row["applied_config_version"]
     # safe when what is active is what this proposal applied (that version, or a later one equal to it)
     unchanged = active is not None and (

@@ -558,14 +558,17 @@ def learning_asset_defs() -> list[Any]:
 def run_learning_pass(store: Any, domain: str, instance: Any, assets: list[Any]) -> dict[str, Any]:
     """Every learning asset for one domain, through the asset functions, in one resource scope.
 
-    One context for all assets: Dagster initializes the store once (setup_for_execution:
-    a fresh read cache), exactly as one in-process run does.
+    One context for all assets: Dagster initializes the store resource once (a MetaStore
+    with a fresh read cache), exactly as one in-process run does.
     """
     import dagster as dg
 
+    from meta_pipeline.defs.resources import StoreResource
+
     out: dict[str, Any] = {"assets": {}}
     with measured() as total:
-        with dg.build_asset_context(partition_key=domain, resources={"store": store}, instance=instance) as ctx:
+        with dg.build_asset_context(partition_key=domain, resources={"store": StoreResource(db_url=store.db_url)},
+                                    instance=instance) as ctx:
             for asset in assets:
                 name = asset.key.to_user_string()
                 with measured() as m:
@@ -753,7 +756,6 @@ def work_naive(args: dict[str, Any]) -> dict[str, Any]:
     from meta_pipeline.learning import lessons as lessons_core
     from meta_pipeline.lab import naive as naive_core
     from meta_pipeline.learning import overrides as overrides_core
-    from meta_pipeline.defs.resources import current_knobs
 
     store = _store(args["db"])
     domain = args["domain"]
@@ -769,7 +771,7 @@ def work_naive(args: dict[str, Any]) -> dict[str, Any]:
     fits = store.read("half_life_fits", domain=domain)
     factors = store.read("latent_factors", domain=domain)
     weights = store.read("learning_regime_weights", domain=domain)
-    knobs, _ = current_knobs(store, domain)
+    knobs = store.knobs_in_effect(domain).values
     now = trades["closed_at"].max()
     out: dict[str, Any] = {}
 
@@ -990,12 +992,11 @@ from pathlib import Path
 import dagster as dg
 
 import meta_pipeline.definitions as repo
-from meta_pipeline.defs.resources import STORE_KEY
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import STORE_KEY, StoreResource
 
 defs = dg.Definitions.merge(
     dg.load_from_defs_folder(path_within_project=Path(repo.__file__).parent),
-    dg.Definitions(resources={STORE_KEY: MetaStore()}, executor=dg.multiprocess_executor.configured(%s)),
+    dg.Definitions(resources={STORE_KEY: StoreResource()}, executor=dg.multiprocess_executor.configured(%s)),
 )
 '''
 

@@ -413,7 +413,7 @@ def _dagster_adaptation_seconds(cfg: EvaluationConfig) -> float:
 
     from meta_pipeline.defs.meta.priors import domain_priors as domain_priors_asset
     from meta_pipeline.defs.meta.priors import global_prior as global_prior_asset
-    from meta_pipeline.meta.prior_store import latest_global_prior
+    from meta_pipeline.defs.resources import StoreResource
     from meta_pipeline.store import MetaStore, dispose_engines
 
     rng = _seed_rng(cfg, 0, 5)
@@ -424,7 +424,7 @@ def _dagster_adaptation_seconds(cfg: EvaluationConfig) -> float:
         for e in engines:
             store.append("telemetry", explore(e, cfg.train_ticks, rng, cfg.exploration_spread).assign(domain=e.domain))
         instance.add_dynamic_partitions("domain", [e.domain for e in engines] + ["new"])
-        resources = {"store": store}
+        resources = {"store": StoreResource(db_url=store.db_url)}
         quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
         for e in engines:
             dg.materialize([domain_priors_asset], instance=instance, resources=resources, partition_key=e.domain,
@@ -439,7 +439,8 @@ def _dagster_adaptation_seconds(cfg: EvaluationConfig) -> float:
                        run_config=quiet)
         dg.materialize([domain_priors_asset, global_prior_asset], selection=[global_prior_asset],
                        instance=instance, resources=resources, run_config=quiet)
-        prior = latest_global_prior(store)
+        latest = store.read_global_prior()
+        prior = None if latest is None else latest.values
         state = cold_start(prior, cfg.controller, seed=0)
         row = _store_layout(simulate_telemetry(new, [dict(state.knobs)], start=T0, every=TICK, rng=rng,
                                                first_tick=cfg.adaptation_ticks))

@@ -484,12 +484,9 @@ def live_engine(domain: str, seed: int = 0, shift_at: int | None = None) -> SimE
 
 
 def published_knobs(store, domains: list[str]) -> dict[str, dict[str, float]]:
-    """The knobs each domain's controller published (controller_state.knobs_json), defaults where none."""
-    import json
-
-    rows = store.read("controller_state", columns=["domain", "knobs_json"])
-    found = {d: json.loads(k) for d, k in zip(rows["domain"], rows["knobs_json"]) if d in domains}
-    return {d: clip_knobs({k: v for k, v in found.get(d, {}).items() if k in KNOBS}) for d in domains}
+    """The knobs each simulated engine runs: ``MetaStore.knobs_in_effect`` (an applied config the
+    controller has not adopted yet, else the controller's knobs, else the defaults)."""
+    return {d: store.knobs_in_effect(d).values for d in domains}  # the one rule every reader uses
 
 
 def live_tick_rows(engines: Mapping[str, SimEngine], knobs: Mapping[str, Mapping[str, float]], tick: int,

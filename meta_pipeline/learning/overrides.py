@@ -1,13 +1,39 @@
 """pm_overrides: the lessons an engine should act on, and the edge it should expect from each.
 
-How an engine applies the overrides (DESIGN, "How an engine applies the overrides"),
-implemented by :func:`predict`: for each latent factor, take the most specific override
-(most scope keys) whose pattern fired on the trade and whose scope and regime match it
-(ties: larger support, then lesson_key; a regime-specific row before an any-regime row
-of the same lesson — never both are emitted here); the trade's edge is the sum over
-factors, plus, when ``tier2_enabled``, Σ_m weight[regime, m]·(metric_m − center)/scale.
+One owner: :class:`OverrideModel`
+---------------------------------
+The fit (:meth:`OverrideModel.fit`, what the pm_overrides asset materializes) and the
+apply (:meth:`OverrideModel.predict`, what ``meta-pipeline predict`` and Python engines
+call) are the two halves of one model, and everything they must agree on is written
+once, here:
 
-How the overrides are chosen (:func:`materialize_overrides`) — credit assignment
+* **the precedence rule** (DESIGN, "How an engine applies the overrides"): for each
+  latent factor, the most specific override (most scope keys) whose pattern fired on
+  the trade and whose scope and regime match it; ties: larger support, then
+  lesson_key. :func:`precedence_rank` is the order, :func:`_row_of_pair` the regime
+  match (a lesson's row for the trade's regime, else its any-regime row — so a
+  regime-specific row comes before an any-regime row of the same lesson; the fit never
+  emits both), and :class:`_Cells` picks each (factor, trade) cell's winner. The fit
+  credits trades through exactly these functions, the apply reads edges through them.
+* **the tier-2 metric term** (:meth:`OverrideModel.metric_term`): when
+  ``tier2_enabled``, Σ_m weight[regime, m]·(metric_m − center)/scale from
+  ``learning_regime_weights`` (:func:`meta_pipeline.learning.regime.metric_term`) —
+  subtracted from the target by the fit, added to the prediction by the apply.
+* **the knobs**: a fitted model records the knobs it used in every row's
+  ``source_json``; a model rebuilt from stored rows (:meth:`OverrideModel.from_rows`)
+  takes them from there, so tier2 is applied exactly as the overrides were fitted
+  (overrides fitted with tier2 on are net of the metric term; fitted with it off they
+  already carry their trades' average metric contribution). Only rows that record no
+  knobs fall back to the caller's knobs (for a store: the knobs in effect).
+* **"now"**: ``now`` is the newest ``closed_at`` the model learned from
+  (:meth:`OverrideModel.now_of`). Every edge is already decayed (fitted half-life and
+  tau staleness) to ``now``, so applying the model needs no clock: a trade's edge does
+  not depend on when it is predicted (``valid_until`` tells an engine when to stop
+  trusting a row).
+
+The trade's edge is the sum of its factors' winning edges, plus the metric term.
+
+How the overrides are fitted (:meth:`OverrideModel.fit`) — credit assignment
 ------------------------------------------------------------------------------
 That rule makes the prediction an additive model: each trade gets one value per factor,
 from the one override that wins it. So the overrides are fitted *as that model*, jointly
@@ -62,20 +88,26 @@ valid_until: when ``|edge|·exp(−max(λ,0)·h)·tau^(h/24)`` would fall below 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import sparse, stats
 
+from meta_pipeline.knobs import default_knobs
+from meta_pipeline.learning import regime as regime_core
 from meta_pipeline.learning.lessons import check_trades_frame, dense_groups, match_lessons
-from meta_pipeline.learning.regime import metric_term
 
 __all__ = [
+    "KNOBS_RECORDED",
     "OVERRIDE_COLUMNS",
+    "OverrideModel",
     "materialize_overrides",
+    "precedence_rank",
     "predict",
     "predict_sum_all_lessons",
 ]
@@ -114,6 +146,85 @@ def _hours_since(values: pd.Series | np.ndarray, now: pd.Timestamp) -> np.ndarra
     return ((pd.to_datetime(pd.Series(values), utc=True) - now) / _HOUR).to_numpy(dtype=float)
 
 
+# ---------------------------------------------------------------------------
+# the precedence rule: used by the fit (credit) and the apply (prediction) alike
+# ---------------------------------------------------------------------------
+
+
+def precedence_rank(
+    n_scope_keys: np.ndarray | pd.Series,
+    support: np.ndarray | pd.Series,
+    lesson_key: np.ndarray | pd.Series,
+    regime_any: np.ndarray | None = None,
+) -> np.ndarray:
+    """THE order in which overrides of one factor claim a trade: rank per row, 0 = first.
+
+    Most scope keys first, then the larger support, then the smaller lesson_key; with
+    ``regime_any`` (True = an any-regime row), a regime-specific row before an
+    any-regime row of the same lesson. Rows equal on every key keep their input order.
+    """
+    keys = [
+        pd.factorize(pd.Series(lesson_key).astype(str), sort=True)[0],
+        -np.asarray(support, dtype=np.int64),
+        -np.asarray(n_scope_keys, dtype=np.int64),
+    ]
+    if regime_any is not None:
+        keys.insert(0, np.asarray(regime_any).astype(np.int8))  # last tie-break
+    order = np.lexsort(keys)
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    return rank
+
+
+def _row_of_pair(any_row: np.ndarray, reg_row: np.ndarray, lesson_idx: np.ndarray, lesson_regime: np.ndarray) -> np.ndarray:
+    """Which override row of a lesson matches a trade the lesson fired on (-1: none).
+
+    The lesson's row for the trade's regime, else its any-regime row. ``any_row``:
+    lesson → row; ``reg_row``: lesson × regime → row; ``lesson_regime``: flat
+    ``lesson_idx * n_regimes + trade's regime`` per pair.
+    """
+    row = any_row[lesson_idx]
+    if (reg_row >= 0).any():
+        reg = reg_row.ravel()[lesson_regime]
+        row = np.where(reg >= 0, reg, row)
+    return row
+
+
+class _Cells:
+    """(factor, trade) cells of (lesson, trade) pairs, each cell's pairs in precedence order.
+
+    At most one override per cell wins. Sorted once, so the winners of any subset of
+    the pairs (the fit's changing selections, or the rows that match a trade's regime)
+    are a masked first-of-group.
+    """
+
+    def __init__(self, factor: np.ndarray, trade: np.ndarray, rank: np.ndarray, n_trades: int, n_ranks: int) -> None:
+        cell = factor.astype(np.int64) * n_trades + trade
+        width = max(n_ranks, 1)
+        if cell.size and int(cell.max()) < np.iinfo(np.int64).max // width:
+            # one sort gives both: the (cell, rank) order and dense cell ids along it
+            self.order = np.argsort(cell * width + rank)  # keys are unique: a lesson meets a trade once
+            sorted_cell = cell[self.order]
+            starts = np.ones(sorted_cell.size, dtype=bool)
+            starts[1:] = sorted_cell[1:] != sorted_cell[:-1]
+            self.cell_inv = np.empty_like(cell)
+            self.cell_inv[self.order] = np.cumsum(starts) - 1
+        else:  # a (cell, rank) key that would overflow int64: dense cell ids first
+            self.cell_inv = dense_groups(cell)[1]
+            self.order = np.argsort(self.cell_inv * width + rank)
+        self.n_cells = int(self.cell_inv.max()) + 1 if self.cell_inv.size else 0
+
+    def winners(self, active: np.ndarray) -> np.ndarray:
+        """Indices of the active pairs that win their cell (in cell order: factor, then trade)."""
+        ordered = self.order[active[self.order]]
+        if ordered.size == 0:
+            return ordered
+        cells = self.cell_inv[ordered]
+        first = np.ones(ordered.size, dtype=bool)
+        first[1:] = cells[1:] != cells[:-1]
+        return ordered[first]
+
+
 class _Problem:
     """The fitting problem: lesson × trade pairs with factor, priority and decay shape."""
 
@@ -134,17 +245,8 @@ class _Problem:
         self.y = y
         self.regime = regime_code
         self.factor_code, self.factor_names = pd.factorize(lessons["latent_factor_id"].astype(str), sort=True)
-        # priority = the predict rule's order within a factor: more scope keys, then
-        # larger support, then lesson_key (lower rank wins)
-        order = np.lexsort(
-            (
-                lessons["lesson_key"].astype(str).to_numpy(),
-                -lessons["n"].to_numpy(np.int64),
-                -lessons["n_scope_keys"].to_numpy(np.int64),
-            )
-        )
-        self.prio_of_lesson = np.empty(self.n_les, dtype=np.int64)
-        self.prio_of_lesson[order] = np.arange(self.n_les)
+        # priority = the apply's order within a factor (lower rank wins)
+        self.prio_of_lesson = precedence_rank(lessons["n_scope_keys"], lessons["n"], lessons["lesson_key"])
 
         self.li = lesson_trades["lesson_idx"].to_numpy(np.int64)
         self.ti = lesson_trades["trade_idx"].to_numpy(np.int64)
@@ -152,41 +254,18 @@ class _Problem:
         self.prio = self.prio_of_lesson[self.li]
         expo = np.clip(-lam[self.li] * (t_hours[self.ti] - anchor[self.li]), -_MAX_EXP, _MAX_EXP)
         self.s = np.exp(expo)
-        # (factor, trade) cells: at most one override per cell; pairs pre-sorted by
-        # (cell, priority) once, so any selection's winners are a masked first-of-group
-        cell = self.pf * self.n_trades + self.ti
-        width = max(self.n_les, 1)
-        if cell.size and int(cell.max()) < np.iinfo(np.int64).max // width:
-            # one sort gives both: the (cell, priority) order and dense cell ids along it
-            self.order = np.argsort(cell * width + self.prio)  # keys are unique: a lesson meets a trade once
-            sorted_cell = cell[self.order]
-            starts = np.ones(sorted_cell.size, dtype=bool)
-            starts[1:] = sorted_cell[1:] != sorted_cell[:-1]
-            self.cell_inv = np.empty_like(cell)
-            self.cell_inv[self.order] = np.cumsum(starts) - 1
-        else:  # a (cell, priority) key that would overflow int64: dense cell ids first
-            self.cell_inv = dense_groups(cell)[1]
-            self.order = np.argsort(self.cell_inv * width + self.prio)
-        self.n_cells = int(self.cell_inv.max()) + 1 if self.cell_inv.size else 0
+        self.cells = _Cells(self.pf, self.ti, self.prio, self.n_trades, self.n_les)
+        self.cell_inv, self.n_cells = self.cells.cell_inv, self.cells.n_cells
         self.lesson_regime = self.li * n_regimes + regime_code[self.ti]  # flat (lesson, regime) per pair
 
     # -- rows: (lesson, regime or -1 = any) -----------------------------------
     def pair_rows(self, any_row: np.ndarray, reg_row: np.ndarray) -> np.ndarray:
         """Row that each pair would use (-1: the lesson has no row for the trade's regime)."""
-        row = any_row[self.li]
-        if (reg_row >= 0).any():  # a lesson never has both an any-regime and regime rows
-            row = np.maximum(row, reg_row.ravel()[self.lesson_regime])
-        return row
+        return _row_of_pair(any_row, reg_row, self.li, self.lesson_regime)
 
     def winners(self, pair_row: np.ndarray) -> np.ndarray:
-        """Indices of the pairs that win their (factor, trade) cell under the predict rule."""
-        ordered = self.order[pair_row[self.order] >= 0]
-        if ordered.size == 0:
-            return ordered
-        cells = self.cell_inv[ordered]
-        first = np.ones(ordered.size, dtype=bool)
-        first[1:] = cells[1:] != cells[:-1]
-        return ordered[first]
+        """Indices of the pairs that win their (factor, trade) cell under the apply's rule."""
+        return self.cells.winners(pair_row >= 0)
 
     def fit(self, win: np.ndarray, pair_row: np.ndarray, n_rows: int, ridge: float) -> dict:
         """Joint least squares of the target on the winning overrides' decay shapes."""
@@ -280,18 +359,26 @@ def _forward_candidates(
     return [(int(les), regimes_of.get(int(les))) for les in best]
 
 
-def materialize_overrides(
+def _fit_knobs(knobs: Mapping[str, float]) -> dict[str, float]:
+    """The knobs a fit uses (and records), as floats; missing ones take the defaults."""
+    return {
+        "tau": float(knobs.get("tau", 0.95)),
+        "g_min": float(knobs.get("g_min", 0.02)),
+        "tier2_enabled": float(bool(knobs.get("tier2_enabled", 1.0))),
+        "tier3_topk": float(max(1, int(round(float(knobs.get("tier3_topk", 5)))))),
+    }
+
+
+def _fit_rows(
+    model: OverrideModel,
     lessons: pd.DataFrame,
     fits: pd.DataFrame | None,
     factors: pd.DataFrame | None,
-    regime_weights: pd.DataFrame | None,
     trades: pd.DataFrame,
     patterns: pd.DataFrame,
     scope: pd.DataFrame,
     metrics: pd.DataFrame | None,
     *,
-    knobs: Mapping[str, float],
-    now: object,
     lesson_trades: pd.DataFrame | None = None,
     use_decay: bool = True,
     regime_split: bool = True,
@@ -303,22 +390,12 @@ def materialize_overrides(
     ridge: float = 1e-3,
     max_rounds: int | None = None,
 ) -> pd.DataFrame:
-    """Rows of ``pm_overrides`` (without ``domain``); see the module docstring for the method.
-
-    ``lessons``: the learning_lessons rows (``latent_factor_id`` may be null when
-    ``factors`` is given); ``fits``: half_life_fits rows (None: no decay);
-    ``factors``: latent_factors rows (lesson_key, latent_factor_id), overriding the
-    lessons' column; ``regime_weights``: learning_regime_weights rows (used when
-    ``knobs['tier2_enabled']``). ``trades``/``patterns``/``scope``/``metrics``: the
-    training trades' source tables. ``knobs``: tau, g_min, tier2_enabled, tier3_topk.
-    ``use_decay=False`` ignores the fitted half-lives (the comparison baseline).
-    """
-    check_trades_frame(trades, ("trade_id", "closed_at", "regime", "return_r"))
-    now = _utc(now)
-    tau = float(knobs.get("tau", 0.95))
-    g_min = float(knobs.get("g_min", 0.02))
-    tier2 = bool(knobs.get("tier2_enabled", 1.0))
-    topk = max(1, int(round(float(knobs.get("tier3_topk", 5)))))
+    """The rows of ``model`` (its knobs, now and metric term given); see the module docstring."""
+    now = model.now
+    tau = model.knobs["tau"]
+    g_min = model.knobs["g_min"]
+    tier2 = model.tier2_enabled
+    topk = int(model.knobs["tier3_topk"])
     if lessons.empty or trades.empty:
         return _empty_overrides()
 
@@ -352,11 +429,9 @@ def materialize_overrides(
     stale_days = np.maximum(0.0, -last_seen_h) / 24.0
     shrink = tau**stale_days
 
-    # -- target ---------------------------------------------------------------
+    # -- target: net of the metric term the apply adds --------------------------
     y = trades["return_r"].to_numpy(float)
-    m_term = np.zeros(len(trades))
-    if tier2 and regime_weights is not None and len(regime_weights) and metrics is not None:
-        m_term = metric_term(trades, metrics, regime_weights)
+    m_term = model.metric_term(trades, metrics)
     y = y - m_term
     regime_code, regimes = pd.factorize(trades["regime"].astype(str), sort=True)
     t_hours = _hours_since(trades["closed_at"], now)
@@ -572,8 +647,224 @@ def _num(value: object) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# applying overrides
+# the model: fit and apply
 # ---------------------------------------------------------------------------
+
+KNOBS_RECORDED = "recorded with the overrides"
+
+
+def _recorded_knobs(rows: pd.DataFrame) -> tuple[dict[str, float] | None, pd.Timestamp | None]:
+    """(knobs, now) recorded in the rows' source_json: the first row that records them."""
+    if rows is None or rows.empty or "source_json" not in rows.columns:
+        return None, None
+    for text in rows["source_json"].dropna():
+        try:
+            source = json.loads(text)
+            knobs = source["knobs"]
+            if not isinstance(knobs, Mapping) or "tier2_enabled" not in knobs:
+                continue
+            values = {str(k): float(v) for k, v in knobs.items()}
+        except (ValueError, KeyError, TypeError):
+            continue
+        now = source.get("now")
+        try:
+            now = None if now is None else _utc(now)
+        except (ValueError, TypeError):
+            now = None
+        return values, now
+    return None, None
+
+
+@dataclass
+class OverrideModel:
+    """A domain's overrides as one model: the rows, the regime weights, the knobs, now.
+
+    ``rows``: pm_overrides rows (without ``domain``); ``regime_weights``:
+    learning_regime_weights rows (the tier-2 metric term; may be None); ``knobs``: the
+    knobs the rows were fitted with (tau, g_min, tier2_enabled, tier3_topk; only
+    ``tier2_enabled`` matters to the apply); ``now``: the newest closed_at the model
+    learned from — every edge is already decayed to it (None: not recorded);
+    ``knobs_source``: where ``knobs`` came from ("fit", :data:`KNOBS_RECORDED`, or the
+    fallback's source, e.g. a ``KnobsInEffect.source``).
+    """
+
+    rows: pd.DataFrame
+    regime_weights: pd.DataFrame | None
+    knobs: dict[str, float]
+    now: pd.Timestamp | None
+    knobs_source: str = "fit"
+
+    # -- the rules written once ----------------------------------------------
+    @staticmethod
+    def now_of(trades: pd.DataFrame) -> pd.Timestamp:
+        """THE "now" rule: the newest closed_at of the trades learned from (no trades: the clock)."""
+        return _utc(trades["closed_at"].max()) if len(trades) else pd.Timestamp.now(tz="UTC")
+
+    @property
+    def tier2_enabled(self) -> bool:
+        return bool(self.knobs.get("tier2_enabled", 1.0))
+
+    def metric_term(self, trades: pd.DataFrame, metrics: pd.DataFrame | None) -> np.ndarray:
+        """The tier-2 term per trade (aligned with ``trades``): 0 when tier2 is off or nothing is weighted."""
+        if self.tier2_enabled and self.regime_weights is not None and len(self.regime_weights) and metrics is not None:
+            return regime_core.metric_term(trades, metrics, self.regime_weights)
+        return np.zeros(len(trades))
+
+    # -- building -------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        lessons: pd.DataFrame,
+        fits: pd.DataFrame | None,
+        factors: pd.DataFrame | None,
+        regime_weights: pd.DataFrame | None,
+        trades: pd.DataFrame,
+        patterns: pd.DataFrame,
+        scope: pd.DataFrame,
+        metrics: pd.DataFrame | None,
+        *,
+        knobs: Mapping[str, float],
+        now: object | None = None,
+        **options,
+    ) -> OverrideModel:
+        """Fit the overrides on the training trades; see the module docstring for the method.
+
+        ``lessons``: the learning_lessons rows (``latent_factor_id`` may be null when
+        ``factors`` is given); ``fits``: half_life_fits rows (None: no decay);
+        ``factors``: latent_factors rows (lesson_key, latent_factor_id), overriding the
+        lessons' column; ``regime_weights``: learning_regime_weights rows (used when
+        ``knobs['tier2_enabled']``). ``trades``/``patterns``/``scope``/``metrics``: the
+        training trades' source tables. ``knobs``: tau, g_min, tier2_enabled,
+        tier3_topk. ``now``: None applies :meth:`now_of` to ``trades``. ``options``:
+        ``lesson_trades`` (the incidence, computed if None), ``use_decay=False``
+        (ignore the fitted half-lives: the comparison baseline), ``regime_split``,
+        ``alpha``, ``z_enter``, ``z_keep``, ``horizon_hours``, ``max_growth``,
+        ``ridge``, ``max_rounds``.
+        """
+        check_trades_frame(trades, ("trade_id", "closed_at", "regime", "return_r"))
+        model = cls(
+            rows=_empty_overrides(),
+            regime_weights=regime_weights,
+            knobs=_fit_knobs(knobs),
+            now=cls.now_of(trades) if now is None else _utc(now),
+        )
+        model.rows = _fit_rows(model, lessons, fits, factors, trades, patterns, scope, metrics, **options)
+        return model
+
+    @classmethod
+    def from_rows(
+        cls,
+        overrides: pd.DataFrame | None,
+        regime_weights: pd.DataFrame | None,
+        fallback_knobs: Mapping[str, float] | None = None,
+        *,
+        fallback_source: str = "fallback",
+    ) -> OverrideModel:
+        """A stored model: its knobs (and now) as recorded in the rows' source_json.
+
+        ``fallback_knobs`` (None: the defaults) apply only when no row records its
+        knobs — e.g. a domain without overrides, where the knobs in effect decide
+        whether the metric term is added.
+        """
+        rows = overrides.reset_index(drop=True) if overrides is not None else _empty_overrides()
+        knobs, now = _recorded_knobs(rows)
+        if knobs is not None:
+            return cls(rows, regime_weights, knobs, now, KNOBS_RECORDED)
+        if fallback_knobs is None:
+            fallback_knobs, fallback_source = default_knobs(), "defaults"
+        return cls(rows, regime_weights, {str(k): float(v) for k, v in fallback_knobs.items()}, None, fallback_source)
+
+    def with_knobs(self, source: str, **knobs: float) -> OverrideModel:
+        """A copy with some knobs set explicitly (e.g. a caller's tier2_enabled)."""
+        return dataclasses.replace(self, knobs={**self.knobs, **{k: float(v) for k, v in knobs.items()}},
+                                   knobs_source=source)
+
+    # -- applying -------------------------------------------------------------
+    def _winners(
+        self, trades: pd.DataFrame, patterns: pd.DataFrame, scope: pd.DataFrame
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(trade index, override row) of each (factor, trade) cell's winning override, in cell order."""
+        none = np.zeros(0, dtype=np.int64)
+        ov = self.rows
+        if not len(trades) or ov is None or not len(ov):
+            return none, none
+        # lessons of the rows (rows of one lesson share its factor, scope keys and support)
+        first_row = ~ov["lesson_key"].duplicated().to_numpy()
+        uniq = ov.loc[first_row, ["lesson_key", "n_scope_keys", "support"]].reset_index(drop=True)
+        pairs = match_lessons(uniq[["lesson_key", "n_scope_keys"]], trades, patterns, scope)
+        if not len(pairs):
+            return none, none
+        row_factor = pd.factorize(ov["latent_factor_id"].astype(str))[0]
+        les_factor = row_factor[first_row]
+        les_of_row = pd.Index(uniq["lesson_key"]).get_indexer(ov["lesson_key"])
+        # each lesson's any-regime row and per-regime rows (several rows in one slot: the first in precedence)
+        trade_regime, regimes = pd.factorize(trades["regime"].astype(str))
+        regime_any = pd.isna(ov["regime"]).to_numpy()
+        reg_of_row = np.where(regime_any, -1, pd.Index(regimes).get_indexer(ov["regime"].astype(str)))
+        usable = np.flatnonzero(regime_any | (reg_of_row >= 0))  # a regime no trade is in matches nothing
+        n_reg = len(regimes)
+        rank = precedence_rank(ov["n_scope_keys"], ov["support"], ov["lesson_key"], regime_any)
+        by_rank = usable[np.argsort(rank[usable])]
+        slot = les_of_row[by_rank] * (n_reg + 1) + reg_of_row[by_rank] + 1
+        chosen = by_rank[np.unique(slot, return_index=True)[1]]
+        any_row = np.full(len(uniq), -1, dtype=np.int64)
+        reg_row = np.full((len(uniq), n_reg), -1, dtype=np.int64)
+        is_any = reg_of_row[chosen] < 0
+        any_row[les_of_row[chosen[is_any]]] = chosen[is_any]
+        reg_row[les_of_row[chosen[~is_any]], reg_of_row[chosen[~is_any]]] = chosen[~is_any]
+
+        li = pairs["lesson_idx"].to_numpy(np.int64)
+        ti = pairs["trade_idx"].to_numpy(np.int64)
+        pair_row = _row_of_pair(any_row, reg_row, li, li * n_reg + trade_regime[ti])
+        les_rank = precedence_rank(uniq["n_scope_keys"], uniq["support"], uniq["lesson_key"])
+        cells = _Cells(les_factor[li], ti, les_rank[li], len(trades), len(uniq))
+        win = cells.winners(pair_row >= 0)
+        return ti[win], pair_row[win]
+
+    def winning_overrides(self, trades: pd.DataFrame, patterns: pd.DataFrame, scope: pd.DataFrame) -> pd.DataFrame:
+        """Per trade and factor, the override that applies: trade_id, latent_factor_id, lesson_key, regime, edge."""
+        check_trades_frame(trades, ("trade_id", "regime"))
+        ti, row = self._winners(trades, patterns, scope)
+        chosen = self.rows.iloc[row] if len(row) else _empty_overrides()
+        return pd.DataFrame({
+            "trade_id": trades["trade_id"].astype(str).to_numpy()[ti],
+            "latent_factor_id": chosen["latent_factor_id"].to_numpy(),
+            "lesson_key": chosen["lesson_key"].to_numpy(),
+            "regime": chosen["regime"].to_numpy(),
+            "edge": chosen["edge"].to_numpy(float),
+        })
+
+    def predict(
+        self, trades: pd.DataFrame, patterns: pd.DataFrame, scope: pd.DataFrame, metrics: pd.DataFrame | None
+    ) -> pd.Series:
+        """Each trade's edge, exactly as DESIGN specifies; Series trade_id → edge."""
+        check_trades_frame(trades, ("trade_id", "regime"))
+        edge = np.zeros(len(trades))
+        ti, row = self._winners(trades, patterns, scope)
+        if len(row):
+            edge += np.bincount(ti, self.rows["edge"].to_numpy(float)[row], len(trades))
+        edge += self.metric_term(trades, metrics)
+        return pd.Series(edge, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")
+
+
+def materialize_overrides(
+    lessons: pd.DataFrame,
+    fits: pd.DataFrame | None,
+    factors: pd.DataFrame | None,
+    regime_weights: pd.DataFrame | None,
+    trades: pd.DataFrame,
+    patterns: pd.DataFrame,
+    scope: pd.DataFrame,
+    metrics: pd.DataFrame | None,
+    *,
+    knobs: Mapping[str, float],
+    now: object,
+    **options,
+) -> pd.DataFrame:
+    """Rows of ``pm_overrides`` (without ``domain``): ``OverrideModel.fit(...).rows``."""
+    return OverrideModel.fit(
+        lessons, fits, factors, regime_weights, trades, patterns, scope, metrics, knobs=knobs, now=now, **options
+    ).rows
 
 
 def predict(
@@ -586,46 +877,9 @@ def predict(
     *,
     tier2_enabled: bool = True,
 ) -> pd.Series:
-    """Each trade's edge under the overrides, exactly as DESIGN specifies; Series trade_id → edge."""
-    check_trades_frame(trades, ("trade_id", "regime"))
-    edge = np.zeros(len(trades))
-    if len(trades) and overrides is not None and len(overrides):
-        ov = overrides.reset_index(drop=True)
-        uniq = ov.drop_duplicates("lesson_key")[["lesson_key", "n_scope_keys"]].reset_index(drop=True)
-        pairs = match_lessons(uniq, trades, patterns, scope)
-        if len(pairs):
-            ov_u = pd.Index(uniq["lesson_key"]).get_indexer(ov["lesson_key"])
-            # expand (lesson, trade) pairs to (override row, trade), keep regime matches
-            cand = pairs.merge(
-                pd.DataFrame({"lesson_idx": ov_u, "row": np.arange(len(ov))}), on="lesson_idx", how="inner"
-            )
-            row = cand["row"].to_numpy(np.int64)
-            ti = cand["trade_idx"].to_numpy(np.int64)
-            ov_regime = ov["regime"].astype(object).where(ov["regime"].notna(), None).to_numpy()
-            trade_regime = trades["regime"].astype(str).to_numpy()
-            regime_any = pd.isna(ov["regime"]).to_numpy()
-            ok = regime_any[row] | (ov_regime[row].astype(str) == trade_regime[ti])
-            row, ti = row[ok], ti[ok]
-            factor_code = pd.factorize(ov["latent_factor_id"].astype(str))[0]
-            key_rank = pd.factorize(ov["lesson_key"].astype(str), sort=True)[0]
-            order = np.lexsort(
-                (
-                    regime_any[row].astype(np.int8),  # regime-specific first (last tie-break)
-                    key_rank[row],
-                    -ov["support"].to_numpy(np.int64)[row],
-                    -ov["n_scope_keys"].to_numpy(np.int64)[row],
-                    ti,
-                    factor_code[row],
-                )
-            )
-            f_sorted, t_sorted = factor_code[row][order], ti[order]
-            first = np.ones(order.size, dtype=bool)
-            first[1:] = (f_sorted[1:] != f_sorted[:-1]) | (t_sorted[1:] != t_sorted[:-1])
-            winners = order[first]
-            edge += np.bincount(ti[winners], ov["edge"].to_numpy(float)[row[winners]], len(trades))
-    if tier2_enabled and regime_weights is not None and metrics is not None:
-        edge += metric_term(trades, metrics, regime_weights)
-    return pd.Series(edge, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")
+    """Each trade's edge under ``overrides`` with an explicit tier2 flag: ``OverrideModel.predict``."""
+    model = OverrideModel(overrides, regime_weights, {"tier2_enabled": float(bool(tier2_enabled))}, None, "given")
+    return model.predict(trades, patterns, scope, metrics)
 
 
 def predict_sum_all_lessons(
@@ -649,5 +903,5 @@ def predict_sum_all_lessons(
         e = np.where(np.abs(e) >= g_min, e, 0.0)
         edge += np.bincount(pairs["trade_idx"].to_numpy(np.int64), e[pairs["lesson_idx"].to_numpy(np.int64)], len(trades))
     if regime_weights is not None and metrics is not None:
-        edge += metric_term(trades, metrics, regime_weights)
+        edge += regime_core.metric_term(trades, metrics, regime_weights)
     return pd.Series(edge, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")

@@ -1,20 +1,23 @@
 """Apply a domain's pm_overrides to trades: the function engines written in Python call.
 
-``meta-pipeline predict --domain NAME FILE`` calls :func:`predict_file`; both apply the
-rule in DESIGN ("How an engine applies the overrides") through
-:func:`meta_pipeline.learning.overrides.predict`.
+``meta-pipeline predict --domain NAME FILE`` calls :func:`predict_file`; both rebuild the
+domain's :class:`meta_pipeline.learning.overrides.OverrideModel` from the stored rows
+(``OverrideModel.from_rows``) and apply it — the rule in DESIGN ("How an engine applies
+the overrides") lives there, once, for the fit and the apply.
 
-Which ``tier2_enabled`` applies: the one the overrides were materialized with
-(recorded in each row's ``source_json``). Overrides fitted with tier2 on are net of
-the metric term, so predicting with it off would drop the metric part, and overrides
-fitted with it off already carry their trades' average metric contribution, so adding
-the metric term would count it twice. Only when a domain has no overrides do the
-knobs currently in effect decide (controller_state, else the defaults).
+Which knobs (``tier2_enabled``) apply: the ones the overrides were materialized with,
+recorded in the rows' ``source_json`` (overrides fitted with tier2 on are net of the
+metric term, so predicting with it off would drop the metric part; fitted with it off
+they already carry their trades' average metric contribution, so adding the metric
+term would count it twice). Only when no row records them (a domain without
+overrides) do the knobs in effect decide: ``store.knobs_in_effect(domain)``, the same
+rule the learning assets use (an applied META_KNOBS config the controller has not
+adopted yet, else controller_state, else the defaults). ``result.attrs["knobs"]`` and
+``result.attrs["knobs_source"]`` say which knobs were used and where they came from.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,27 +26,27 @@ import numpy as np
 import pandas as pd
 
 from meta_pipeline.contracts import TradesBatch, read_input_file, validate_domain, validate_trades
-from meta_pipeline.knobs import clip_knobs, default_knobs
-from meta_pipeline.learning.overrides import predict
+from meta_pipeline.learning.overrides import OverrideModel
 
-__all__ = ["predict_trades", "predict_file", "tier2_of_overrides"]
-
-
-def tier2_of_overrides(overrides: pd.DataFrame, fallback: bool) -> bool:
-    """The tier2 flag the overrides were materialized with (``fallback`` if unrecorded)."""
-    if overrides is None or overrides.empty or "source_json" not in overrides.columns:
-        return fallback
-    for text in overrides["source_json"].dropna().head(1):
-        try:
-            return bool(json.loads(text)["knobs"]["tier2_enabled"])
-        except (ValueError, KeyError, TypeError):
-            break
-    return fallback
+__all__ = ["predict_trades", "predict_file", "override_model"]
 
 
-def _store_knobs(store: Any, domain: str) -> dict[str, float]:
-    state = store.read("controller_state", domain=domain, columns=["knobs_json"])
-    return clip_knobs(json.loads(state["knobs_json"].iloc[0])) if len(state) else default_knobs()
+def override_model(store_or_frames: Any, domain: str) -> OverrideModel:
+    """The domain's stored override model (see :func:`predict_trades` for ``store_or_frames``)."""
+    validate_domain(domain)
+    if isinstance(store_or_frames, Mapping):
+        model = OverrideModel.from_rows(store_or_frames.get("overrides"), store_or_frames.get("regime_weights"), None)
+        if "tier2_enabled" in store_or_frames:  # explicit wins
+            model = model.with_knobs("given", tier2_enabled=bool(store_or_frames["tier2_enabled"]))
+        return model
+    store = store_or_frames
+    in_effect = store.knobs_in_effect(domain)  # THE rule for the knobs in effect (as the learning assets)
+    return OverrideModel.from_rows(
+        store.read("pm_overrides", domain=domain),
+        store.read("learning_regime_weights", domain=domain),
+        in_effect.values,
+        fallback_source=in_effect.source,
+    )
 
 
 def _as_batch(trades: pd.DataFrame | TradesBatch | str | Path, domain: str) -> TradesBatch:
@@ -67,37 +70,25 @@ def predict_trades(
     """``trade_id, edge`` for each valid trade, in input order.
 
     ``store_or_frames``: a MetaStore (the domain's ``pm_overrides`` and
-    ``learning_regime_weights`` are read from it) or a mapping with ``overrides``,
-    ``regime_weights`` and optionally ``tier2_enabled``. ``trades``: a file path, a
-    raw frame in the ingest layout (``return_r`` optional), or a validated TradesBatch.
-    Rows that break the contract are left out and returned in
+    ``learning_regime_weights`` are read from it; knobs the rows do not record come
+    from ``store.knobs_in_effect(domain)``) or a mapping with ``overrides``,
+    ``regime_weights`` and optionally ``tier2_enabled`` (explicit: wins over the
+    recorded knobs; unrecorded and not given: the defaults). ``trades``: a file path,
+    a raw frame in the ingest layout (``return_r`` optional), or a validated
+    TradesBatch. Rows that break the contract are left out and returned in
     ``result.attrs["quarantine"]`` (file line and reason), like ingest does.
+    ``result.attrs`` also has ``knobs`` and ``knobs_source`` (``"recorded with the
+    overrides"``, a ``KnobsInEffect.source`` such as ``"configs v3"``, ``"given"`` or
+    ``"defaults"``) and ``tier2_enabled``.
     """
-    validate_domain(domain)
-    if isinstance(store_or_frames, Mapping):
-        overrides = store_or_frames.get("overrides")
-        regime_weights = store_or_frames.get("regime_weights")
-        knob_tier2 = bool(store_or_frames.get("tier2_enabled", default_knobs()["tier2_enabled"]))
-    else:
-        overrides = store_or_frames.read("pm_overrides", domain=domain)
-        regime_weights = store_or_frames.read("learning_regime_weights", domain=domain)
-        knob_tier2 = bool(_store_knobs(store_or_frames, domain)["tier2_enabled"])
-    tier2 = tier2_of_overrides(overrides, knob_tier2)
-    if isinstance(store_or_frames, Mapping) and "tier2_enabled" in store_or_frames:
-        tier2 = bool(store_or_frames["tier2_enabled"])  # explicit wins
+    model = override_model(store_or_frames, domain)
     batch = _as_batch(trades, domain)
-    edge = predict(
-        overrides if overrides is not None else pd.DataFrame(),
-        regime_weights,
-        batch.trades,
-        batch.patterns,
-        batch.scope,
-        batch.metrics,
-        tier2_enabled=tier2,
-    )
+    edge = model.predict(batch.trades, batch.patterns, batch.scope, batch.metrics)
     out = pd.DataFrame({"trade_id": edge.index.to_numpy(), "edge": edge.to_numpy()})
     out.attrs["quarantine"] = batch.quarantine
-    out.attrs["tier2_enabled"] = tier2
+    out.attrs["tier2_enabled"] = model.tier2_enabled
+    out.attrs["knobs"] = dict(model.knobs)
+    out.attrs["knobs_source"] = model.knobs_source
     return out
 
 

@@ -11,6 +11,9 @@ reward = w_gain·normalized_gain + w_stability·stability − w_resource·resour
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+
+from meta_pipeline.contracts import TELEMETRY_OUTCOMES
 
 GAIN_REF = 0.05
 LATENCY_REF_MS = 500.0
@@ -33,3 +36,12 @@ def meta_reward(gain_p50, stability_mean, vram_utilization, latency_ms,
         - w_resource * resource_penalty(vram_utilization, latency_ms)
     )
     return float(reward) if np.ndim(reward) == 0 else reward
+
+
+def telemetry_reward(telemetry: pd.DataFrame) -> np.ndarray:
+    """The meta-reward of each tick of a telemetry frame (NaN where an outcome is missing or not a number)."""
+    missing = [c for c in TELEMETRY_OUTCOMES if c not in telemetry.columns]
+    if missing:
+        raise ValueError(f"telemetry lacks column(s) {missing}")
+    cols = {c: pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in TELEMETRY_OUTCOMES}
+    return np.asarray(meta_reward(**cols), dtype=float).reshape(-1)

@@ -1,13 +1,14 @@
 """`controller_state`: the integrative layer's controller for one domain, advanced by new telemetry.
 
-The math is `meta_pipeline.meta.controller` (one decision per telemetry batch); this
-asset reads the domain's state and the ticks it has not seen, calls `advance`, and writes
-the new state plus one `meta_decisions` row per decision in ONE transaction. A sensor
-requests it when telemetry arrives; re-materializing without new telemetry changes nothing.
+The policy (resume / cold start, hand-edited knobs, adopting an applied config, early
+negative transfer) is ``meta_pipeline.meta.controller_policy.step_domain`` and the
+decision math ``meta_pipeline.meta.controller``; this asset reads the domain's inputs,
+calls ``step_domain`` and writes the new state plus one `meta_decisions` row per
+decision in ONE transaction (under the domain's lock). A sensor requests it when
+telemetry arrives; re-materializing without new telemetry changes nothing.
 """
 
 import json
-import zlib
 
 import dagster as dg
 import numpy as np
@@ -15,25 +16,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
-from meta_pipeline.meta.controller import (
-    ControllerConfig,
-    ControllerState,
-    TelemetryError,
-    advance,
-    cold_start,
-    inject_change,
-    knob_bound_problems,
-)
-from meta_pipeline.governance.lifecycle import active_config
-from meta_pipeline.meta.reward import meta_reward
-from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, knobs_to_unit
-from meta_pipeline.meta.prior_store import read_global_prior
-from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
-from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.knobs import KNOB_NAMES, knobs_to_unit
+from meta_pipeline.meta.controller import ControllerConfig, TelemetryError, knob_bound_problems
+from meta_pipeline.meta.controller_policy import TELEMETRY_COLUMNS, decision_rows, state_row, step_domain
+from meta_pipeline.store import lock
 
-TELEMETRY_COLUMNS = ["ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms",
-                     *[f"knob_{n}" for n in KNOB_NAMES]]
 PLOT_DECISIONS = 300  # how many recent decisions the trajectory plot shows
 
 
@@ -42,83 +30,6 @@ class ControllerRunConfig(dg.Config):
 
     ticks_per_decision: int = Field(default=1, ge=1, description="telemetry ticks per controller decision")
     seed: int = Field(default=0, description="cold-start seed (mixed with the domain name)")
-
-
-def _domain_seed(domain: str, seed: int) -> int:
-    return (zlib.crc32(domain.encode()) ^ (seed * 0x9E3779B1)) & 0xFFFFFFFF
-
-
-def _ts_param(store: MetaStore, ts: str) -> object:
-    """A timestamp bind parameter in the form the dialect compares correctly."""
-    stamp = pd.Timestamp(ts).tz_convert("UTC")
-    if store.dialect == "sqlite":  # stored as text in SQLAlchemy's SQLite format
-        return stamp.strftime("%Y-%m-%d %H:%M:%S.%f")
-    return stamp.to_pydatetime()
-
-
-def _lock_domain(conn, store: MetaStore, domain: str) -> None:
-    """Serialize concurrent runs of one domain (SQLite's BEGIN IMMEDIATE already does)."""
-    if store.dialect == "postgresql":
-        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%(k)s)", {"k": _domain_seed("controller_state:" + domain, 0)})
-
-
-def _early_transfer_check(state: ControllerState, telemetry: pd.DataFrame, latest, cfg: ControllerConfig,
-                          seed: int) -> tuple[ControllerState, str | None]:
-    """A cold-started domain whose first ticks AT the prior's knobs fall below anything the fleet
-    saw under it drops the prior at once (priors.early_negative_transfer) and tunes from scratch,
-    instead of waiting for the controller's own guard, which needs its window of decisions."""
-    if latest is None or state.decisions > 0 or state.prior_disabled or telemetry.empty:
-        return state, None
-    low = latest.details.get("expected_reward_low")
-    knob_cols = [f"knob_{n}" for n in KNOB_NAMES]
-    reported = telemetry[knob_cols].to_numpy(dtype=float)
-    at_prior = np.all(np.isclose(reported, [state.knobs[n] for n in KNOB_NAMES], atol=1e-9) | np.isnan(reported), axis=1)
-    head = telemetry[at_prior].head(EARLY_PROBE_TICKS)
-    if len(head) < EARLY_PROBE_TICKS:
-        return state, None
-    rewards = meta_reward(head["gain_p50"], head["stability_mean"], head["vram_utilization"], head["latency_ms"])
-    negative, why = early_negative_transfer(np.asarray(rewards), low, min_ticks=EARLY_PROBE_TICKS)
-    if not negative:
-        return state, None
-    fresh = cold_start(None, cfg, seed=seed)
-    fresh.last_ts = state.last_ts
-    fresh.prior_disabled = True
-    fresh.prior_disabled_reason = why
-    return fresh, why
-
-
-def _state_row(domain: str, state: ControllerState, now: pd.Timestamp, config_version: int | None) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{
-            "domain": domain,
-            "knobs_json": json.dumps(state.knobs, sort_keys=True),
-            "cooldowns_json": json.dumps(state.cooldowns, sort_keys=True),
-            "reward_ema": state.reward_ema,
-            "rollbacks": state.rollbacks,
-            "decisions": state.decisions,
-            "updated_at": now,
-            "state_json": state.to_json(),
-            "last_ts": pd.Timestamp(state.last_ts) if state.last_ts else pd.NaT,
-            "config_version": config_version,
-        }]
-    )
-
-
-def _decision_rows(domain: str, decisions: list[dict], now: pd.Timestamp) -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "domain": domain,
-            "decision_no": [d["decision_no"] for d in decisions],
-            "decided_at": now,
-            "reward": [d["reward"] for d in decisions],
-            "reward_ema": [d["reward_ema"] for d in decisions],
-            "rolled_back": [bool(d["rolled_back"]) for d in decisions],
-            "policy_updates_json": [json.dumps(d["policy_updates"], sort_keys=True) for d in decisions],
-            "knobs_json": [json.dumps(d["knobs"], sort_keys=True) for d in decisions],
-            "telemetry_json": [json.dumps(d["telemetry"]) for d in decisions],
-            "note": [d["note"] for d in decisions],
-        }
-    )
 
 
 def _trajectory_figure(history: pd.DataFrame, domain: str) -> Figure:
@@ -159,71 +70,39 @@ def _trajectory_figure(history: pd.DataFrame, domain: str) -> Figure:
     ),
 )
 def controller_state(
-    context: dg.AssetExecutionContext, config: ControllerRunConfig, store: MetaStore
+    context: dg.AssetExecutionContext, config: ControllerRunConfig, store: StoreParam
 ) -> dg.MaterializeResult:
     domain = partition_domain(context)
     cfg = ControllerConfig(ticks_per_decision=config.ticks_per_decision)
     now = pd.Timestamp.now(tz="UTC")
-    notes: list[str] = []
-    external = False
     with store.write() as conn:
         # read, decide and write in one transaction: a crash or a bad tick leaves the previous state
-        _lock_domain(conn, store, domain)
+        lock(conn, f"controller_state/{domain}")
         row = store.read("controller_state", domain=domain, conn=conn)
-        latest = read_global_prior(store, conn=conn)
-        prior = latest.values if latest is not None else None
-        if len(row) and isinstance(row["state_json"].iloc[0], str):
-            state = ControllerState.from_json(row["state_json"].iloc[0])
-            published = clip_knobs({k: v for k, v in json.loads(row["knobs_json"].iloc[0]).items() if k in KNOBS})
-            if published != state.knobs:
-                # someone set the domain's knobs by hand: canary them like any change
-                state = inject_change(state, published, cfg, note="external")
-                external = True
-                notes.append(f"knobs_json edited outside the controller: {published} canaried as an external change")
-        elif len(row):  # a row without the controller's memory: keep its knobs, start fresh
-            knobs = clip_knobs({k: v for k, v in json.loads(row["knobs_json"].iloc[0]).items() if k in KNOBS})
-            state = cold_start(prior, cfg, seed=_domain_seed(domain, config.seed))
-            state.knobs = knobs
-            notes.append("controller_state row had no state_json: started fresh at its knobs")
-        else:
-            state = cold_start(prior, cfg, seed=_domain_seed(domain, config.seed))
-            notes.append(f"cold start from global_prior v{latest.version}" if latest is not None
-                         else "cold start from the default knobs (no global_prior yet)")
-        # an applied META_KNOBS config (an approved proposal) is adopted once, as a canaried change:
-        # if it hurts, the controller rolls it back like any change, and says so in meta_decisions
-        adopted = int(row["config_version"].iloc[0]) if len(row) and pd.notna(row["config_version"].iloc[0]) else 0
-        active = active_config(store, "META_KNOBS", domain)
-        if active is not None and active[0] > adopted:
-            approved = clip_knobs({k: v for k, v in active[1].items() if k in KNOBS})
-            if approved != state.knobs:
-                state = inject_change(state, approved, cfg, note=f"configs v{active[0]}")
-                external = True
-            notes.append(f"adopted applied META_KNOBS config v{active[0]} (canaried like any change)")
-            adopted = active[0]
-        where, params = (None, None) if state.last_ts is None else ("ts > :last_ts", {"last_ts": _ts_param(store, state.last_ts)})
-        telemetry = store.read("telemetry", domain=domain, columns=TELEMETRY_COLUMNS, where=where, params=params,
-                               order_by="ts", conn=conn)
-        state, dropped_prior = _early_transfer_check(state, telemetry, latest, cfg, _domain_seed(domain, config.seed))
-        if dropped_prior:
-            prior = None
-            notes.append(dropped_prior)
-            external = True
+
+        def new_ticks(last_ts: str | None) -> pd.DataFrame:
+            return store.read("telemetry", domain=domain, columns=TELEMETRY_COLUMNS, order_by="ts", conn=conn,
+                              after=None if last_ts is None else {"ts": last_ts})
+
         try:
-            new_state, decisions = advance(state, telemetry, cfg, prior)
+            step = step_domain(domain, row, store.read_global_prior(conn=conn),
+                               store.active_config("META_KNOBS", domain, conn=conn), new_ticks, cfg, config.seed)
         except TelemetryError as exc:
             raise dg.Failure(
                 description=f"controller_state[{domain}]: telemetry rejected, nothing written: {exc}",
-                metadata={"domain": domain, "new_ticks": len(telemetry), "last_ts": str(state.last_ts)},
+                metadata={"domain": domain},
             ) from exc
-        if decisions or not len(row) or external:
-            store.replace_partition("controller_state", domain, _state_row(domain, new_state, now, adopted or None),
+        if step.changed:
+            store.replace_partition("controller_state", domain, state_row(domain, step.state, now, step.adopted_version),
                                     conn=conn)
-        if decisions:
-            store.append("meta_decisions", _decision_rows(domain, decisions, now), conn=conn)
+        if step.decisions:
+            store.append("meta_decisions", decision_rows(domain, step.decisions, now), conn=conn)
+    state, new_state, decisions, notes = step.before, step.state, step.decisions, step.notes
+    external = step.external
 
     metadata: dict[str, dg.MetadataValue] = {
         "decisions_made": dg.MetadataValue.int(len(decisions)),
-        "ticks_consumed": dg.MetadataValue.int(len(telemetry)),
+        "ticks_consumed": dg.MetadataValue.int(step.n_ticks),
         "decisions_total": dg.MetadataValue.int(new_state.decisions),
         "rollbacks_this_run": dg.MetadataValue.int(sum(bool(d["rolled_back"]) for d in decisions)),
         "rollbacks_total": dg.MetadataValue.int(new_state.rollbacks),
@@ -239,7 +118,7 @@ def controller_state(
         metadata["prior_disabled_reason"] = dg.MetadataValue.text(new_state.prior_disabled_reason)
     if not decisions:
         status = f"no new telemetry since {state.last_ts}: no decision made, nothing changed"
-        if not len(row):
+        if not step.had_row:
             status = "no telemetry yet: cold-start state written, no decision made"
         elif external:
             status = "no new telemetry: the hand-set knobs are now a pending change awaiting their canary"
@@ -247,7 +126,7 @@ def controller_state(
         metadata["status"] = dg.MetadataValue.text(status)
     else:
         metadata["status"] = dg.MetadataValue.text(
-            f"{len(decisions)} decision(s) on {len(telemetry)} new tick(s); "
+            f"{len(decisions)} decision(s) on {step.n_ticks} new tick(s); "
             f"{sum(bool(d['rolled_back']) for d in decisions)} rollback(s)"
         )
         shown = pd.DataFrame(
@@ -257,8 +136,7 @@ def controller_state(
         metadata["recent_decisions"] = table_preview(shown)
         history = store.read("meta_decisions", domain=domain,
                              columns=["decision_no", "reward", "reward_ema", "rolled_back", "knobs_json"],
-                             where="decision_no > :since", params={"since": new_state.decisions - PLOT_DECISIONS},
-                             order_by="decision_no")
+                             after={"decision_no": new_state.decisions - PLOT_DECISIONS}, order_by="decision_no")
         if len(history):
             metadata["trajectory"] = plot_metadata(_trajectory_figure(history, domain), "controller trajectory")
     if notes:
@@ -271,7 +149,7 @@ def controller_state(
     partitions_def=domain_partitions,
     description="Every knob in the domain's controller_state is a known knob within its bounds (int/bool knobs integral).",
 )
-def controller_knobs_within_bounds(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def controller_knobs_within_bounds(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     domain = partition_domain(context)
     row = store.read("controller_state", domain=domain, columns=["knobs_json", "decisions"])
     if row.empty:

@@ -18,27 +18,28 @@ from pydantic import Field
 from meta_pipeline.governance import lifecycle
 from meta_pipeline.governance.diagnostics import DiagnosticsInputs, DiagnosticsResult, compute_diagnostics
 from meta_pipeline.governance.proposals import TARGET_TYPES, generate_proposals
-from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
 
 # ---------------------------------------------------------------------------
 # diagnostics (per domain)
 # ---------------------------------------------------------------------------
 
 
-def _previous_override_keys(store: MetaStore, domain: str) -> list[str] | None:
+def _previous_override_keys(store: StoreParam, domain: str) -> list[str] | None:
     """The override set the previous diagnostics run saw (for churn), if it recorded one."""
     prev = store.read("diagnostics", domain=domain, columns=["details_json"],
-                      where="section = 'overrides' AND subject = 'all'")
+                      equals={"section": "overrides", "subject": "all"})
     if prev.empty or not prev["details_json"].iloc[0]:
         return None
     return json.loads(prev["details_json"].iloc[0]).get("identities")
 
 
-def _read_inputs(store: MetaStore, domain: str) -> DiagnosticsInputs:
-    knobs, source = lifecycle.current_meta_knobs(store, domain)
-    approved = lifecycle.active_config(store, "META_KNOBS", domain)
-    newest_prior = store.read("global_prior", where="version = (SELECT MAX(version) FROM global_prior)")
+def _read_inputs(store: StoreParam, domain: str) -> DiagnosticsInputs:
+    knobs = store.knobs_in_effect(domain)
+    approved = store.active_config("META_KNOBS", domain)
+    latest = store.read_global_prior()
+    newest_prior = store.read("global_prior", equals={"version": latest.version}) if latest else store.read(
+        "global_prior", columns=None).head(0)
     return DiagnosticsInputs(
         domain=domain,
         trades=store.read("trades", domain=domain, columns=["trade_id", "closed_at", "regime", "strategy_id", "return_r"]),
@@ -48,8 +49,8 @@ def _read_inputs(store: MetaStore, domain: str) -> DiagnosticsInputs:
         telemetry=store.read("telemetry", domain=domain),
         pm_overrides=store.read("pm_overrides", domain=domain),
         previous_override_keys=_previous_override_keys(store, domain),
-        current_knobs=knobs,
-        current_knobs_source=source,
+        current_knobs=knobs.values,
+        current_knobs_source=knobs.source,
         global_prior=newest_prior,
         controller_state=store.read("controller_state", domain=domain),
         approved_knobs=approved[1] if approved else None,
@@ -126,7 +127,7 @@ def _backtest_figure(result: DiagnosticsResult) -> Figure | None:
         "global-prior gap, nearest past configurations. Table `diagnostics`."
     ),
 )
-def diagnostics(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def diagnostics(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     inputs = _read_inputs(store, domain)
     result = compute_diagnostics(inputs)
@@ -179,14 +180,14 @@ def _proposals_table(frame: pd.DataFrame) -> pd.DataFrame:
         "hash); optional auto-apply policy. Table `meta_controller_config_proposals`."
     ),
 )
-def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy, store: MetaStore) -> dg.MaterializeResult:
+def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy, store: StoreParam) -> dg.MaterializeResult:
     policy = lifecycle.AutoApplySettings(config.enabled, config.min_confidence, tuple(config.target_types))
     diag = store.read("diagnostics")
     domains = sorted(diag["domain"].unique()) if len(diag) else []
     if not domains:
         context.log.warning("no diagnostics rows yet: materialize `diagnostics` for some domains first")
-    current_knobs = {d: lifecycle.current_meta_knobs(store, d)[0] for d in domains}
-    proposals, candidates = generate_proposals(diag, lifecycle.active_configs(store), current_knobs=current_knobs)
+    current_knobs = {d: store.knobs_in_effect(d).values for d in domains}
+    proposals, candidates = generate_proposals(diag, store.active_configs(), current_knobs=current_knobs)
     report = lifecycle.insert_proposals(store, proposals)
     applied, skipped = lifecycle.auto_apply(store, policy)
     for message in skipped:
@@ -234,7 +235,7 @@ class ReviewProposalConfig(dg.Config):
     description="Approve, reject, apply or revert one config proposal; an illegal transition fails the run.",
     out=dg.Out(dg.Nothing),
 )
-def review_proposal_op(context: dg.OpExecutionContext, config: ReviewProposalConfig, store: MetaStore):
+def review_proposal_op(context: dg.OpExecutionContext, config: ReviewProposalConfig, store: StoreParam):
     action = config.action.value if isinstance(config.action, ReviewAction) else str(config.action)
     try:
         result = lifecycle.transition(store, config.proposal_id, action, config.by)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from meta_pipeline.contracts import ContractError
+from meta_pipeline.contracts import ContractError, validate_domain
 from meta_pipeline.ingest import InboxFile, IngestReport, ingest_file, ingest_inbox_file
-from meta_pipeline.defs.resources import domain_partitions, partition_domain, table_preview
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, table_preview
 
 
 class IngestFilesConfig(dg.Config):
@@ -24,7 +23,7 @@ class IngestFilesConfig(dg.Config):
 
 
 def _ingest_configured_files(
-    context: dg.AssetExecutionContext, store: MetaStore, kind: str, domain: str, config: IngestFilesConfig
+    context: dg.AssetExecutionContext, store: StoreParam, kind: str, domain: str, config: IngestFilesConfig
 ) -> list[IngestReport]:
     reports = []
     for name in config.files:
@@ -43,8 +42,8 @@ def _ingest_configured_files(
     return reports
 
 
-def _quarantine_count(store: MetaStore, domain: str, kind: str) -> int:
-    return int(store.scalar("SELECT COUNT(*) FROM quarantine WHERE domain = :d AND kind = :k", {"d": domain, "k": kind}))
+def _quarantine_count(store: StoreParam, domain: str, kind: str) -> int:
+    return store.count("quarantine", domain, equals={"kind": kind})
 
 
 @dg.asset(
@@ -53,11 +52,11 @@ def _quarantine_count(store: MetaStore, domain: str, kind: str) -> int:
     kinds={"sql", "pandas"},
     description="The validated closed trades of a domain (source tables trades, trade_patterns, trade_scope, trade_metrics).",
 )
-def trades(context: dg.AssetExecutionContext, config: IngestFilesConfig, store: MetaStore) -> dg.MaterializeResult:
+def trades(context: dg.AssetExecutionContext, config: IngestFilesConfig, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     reports = _ingest_configured_files(context, store, "trades", domain, config)
     frame = store.read("trades", domain=domain, columns=["trade_id", "closed_at", "regime", "strategy_id", "return_r"])
-    n_patterns = int(store.scalar("SELECT COUNT(*) FROM trade_patterns WHERE domain = :d", {"d": domain}))
+    n_patterns = store.count("trade_patterns", domain)
     by_regime = frame.groupby("regime")["return_r"].agg(["count", "mean"]).reset_index() if len(frame) else frame
     return dg.MaterializeResult(
         metadata={
@@ -80,7 +79,7 @@ def trades(context: dg.AssetExecutionContext, config: IngestFilesConfig, store: 
     kinds={"sql", "pandas"},
     description="The engine telemetry of a domain (one row per decision tick, with the knobs in effect).",
 )
-def telemetry(context: dg.AssetExecutionContext, config: IngestFilesConfig, store: MetaStore) -> dg.MaterializeResult:
+def telemetry(context: dg.AssetExecutionContext, config: IngestFilesConfig, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     reports = _ingest_configured_files(context, store, "telemetry", domain, config)
     frame = store.read("telemetry", domain=domain, columns=["ts", "gain_p50", "stability_mean"])
@@ -96,17 +95,7 @@ def telemetry(context: dg.AssetExecutionContext, config: IngestFilesConfig, stor
 
 
 @dg.asset_check(asset=trades, blocking=True, description="Every trade has at least one pattern and ids are unique.")
-def trades_are_well_formed(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def trades_are_well_formed(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     domain = context.op_execution_context.partition_key if context.op_execution_context.has_partition_key else None
-    where = "t.domain = :d" if domain else "1 = 1"
-    params = {"d": domain} if domain else {}
-    orphans = int(store.scalar(
-        f"SELECT COUNT(*) FROM trades t WHERE {where} AND NOT EXISTS "
-        "(SELECT 1 FROM trade_patterns p WHERE p.domain = t.domain AND p.trade_id = t.trade_id)", params))
-    dupes = int(store.scalar(
-        f"SELECT COUNT(*) FROM (SELECT t.trade_id FROM trades t WHERE {where} GROUP BY t.domain, t.trade_id HAVING COUNT(*) > 1) x",
-        params))
-    return dg.AssetCheckResult(
-        passed=orphans == 0 and dupes == 0,
-        metadata={"trades_without_patterns": orphans, "duplicate_trade_ids": dupes},
-    )
+    found = store.trade_integrity(validate_domain(domain) if domain else None)
+    return dg.AssetCheckResult(passed=not any(found.values()), metadata=found)

@@ -16,8 +16,7 @@ from meta_pipeline.contracts import ContractError, validate_domain
 from meta_pipeline.defs.ingest.assets import telemetry, trades
 from meta_pipeline.ingest import REJECTED_DIR, _move, quarantine_whole_file, scan_inbox
 from meta_pipeline.paths import inbox_dir
-from meta_pipeline.defs.resources import domain_partitions
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions
 
 ingest_trades_job = dg.define_asset_job("ingest_trades_job", selection=[trades])
 ingest_telemetry_job = dg.define_asset_job(
@@ -25,7 +24,7 @@ ingest_telemetry_job = dg.define_asset_job(
 )
 
 
-def inbox_run_requests(context: dg.SensorEvaluationContext, store: MetaStore, inbox) -> dg.SensorResult:
+def inbox_run_requests(context: dg.SensorEvaluationContext, store: StoreParam, inbox) -> dg.SensorResult:
     batches: dict[tuple[str, str], list] = defaultdict(list)
     for item in scan_inbox(inbox):
         try:
@@ -65,5 +64,5 @@ def inbox_run_requests(context: dg.SensorEvaluationContext, store: MetaStore, in
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Ingest files dropped into data/inbox/<domain>/<trades|telemetry>/.",
 )
-def inbox_sensor(context: dg.SensorEvaluationContext, store: MetaStore) -> dg.SensorResult:
+def inbox_sensor(context: dg.SensorEvaluationContext, store: StoreParam) -> dg.SensorResult:
     return inbox_run_requests(context, store, inbox_dir())

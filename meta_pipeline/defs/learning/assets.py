@@ -8,10 +8,11 @@ and describes the result. Assets talk through the store (``deps``, no IO manager
             │           └─ latent_factors ─────────────────┼─ pm_overrides
             └─ regime_weights ─────────────────────────────┘
 
-``learning_lessons.latent_factor_id`` is written by ``latent_factors``: it writes the
-``latent_factors`` table and rewrites the domain's lessons with their factor ids in the
-same transaction, so the two tables never disagree. (``lessons`` writes the column
-empty: factors need the lessons first.)
+One writer per table. The one shared table is by column: ``learning_lessons.latent_factor_id``
+is owned by ``latent_factors`` (``MetaStore.set_lesson_factors`` fills it from the
+``latent_factors`` rows in the same transaction that writes them, so the two never
+disagree); every other column is owned by ``lessons``, which writes the column empty
+(factors need the lessons first).
 
 ``now`` for the overrides is the domain's newest trade (the time the data describes),
 not the wall clock: re-materializing the same data gives the same rows.
@@ -27,13 +28,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from meta_pipeline.knobs import KnobsInEffect
 from meta_pipeline.learning import factors as factors_core
 from meta_pipeline.learning import halflife as halflife_core
 from meta_pipeline.learning import lessons as lessons_core
 from meta_pipeline.learning import overrides as overrides_core
 from meta_pipeline.learning import regime as regime_core
-from meta_pipeline.defs.resources import current_knobs, domain_partitions, partition_domain, plot_metadata, table_preview
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
 
 GROUP = "learning"
 # what the learning cores use of a trade (strategy_id is the diagnostics' business: not read here)
@@ -45,9 +46,9 @@ TRADE_COLUMNS = ["trade_id", "closed_at", "regime", "return_r"]
 # ---------------------------------------------------------------------------
 
 
-def _read_trades(store: MetaStore, domain: str) -> pd.DataFrame:
+def _read_trades(store: StoreParam, domain: str) -> pd.DataFrame:
     # a fixed order: trade positions are the incidence's trade_idx, runs must agree
-    return store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by="closed_at, trade_id").reset_index(
+    return store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"]).reset_index(
         drop=True
     )
 
@@ -59,22 +60,22 @@ SOURCE_COLUMNS = {
 }
 
 
-def _read_source(store: MetaStore, domain: str, *tables: str) -> list[pd.DataFrame]:
+def _read_source(store: StoreParam, domain: str, *tables: str) -> list[pd.DataFrame]:
     return [store.read(t, domain=domain, columns=SOURCE_COLUMNS[t]) for t in tables]
 
 
-def _prefetch_source(store: MetaStore, domain: str, *tables: str) -> None:
+def _prefetch_source(store: StoreParam, domain: str, *tables: str) -> None:
     """Let the run's cache load source tables a later asset reads, on the second core, while this one computes."""
     store.prefetch([{"table_name": t, "domain": domain, "columns": SOURCE_COLUMNS[t]} for t in tables])
 
 
-def _incidence_key(store: MetaStore, domain: str, lessons: pd.DataFrame, source: tuple) -> tuple:
+def _incidence_key(store: StoreParam, domain: str, lessons: pd.DataFrame, source: tuple) -> tuple:
     """What a lesson×trade incidence depends on: the source rows (their version) and the lessons, in order."""
     digest = hashlib.sha1("\x1f".join(lessons["lesson_key"].astype(str)).encode()).hexdigest()
     return ("lesson_incidence", domain, source, len(lessons), digest)
 
 
-def _incidence(store: MetaStore, domain: str, source: tuple, lessons: pd.DataFrame, trades: pd.DataFrame,
+def _incidence(store: StoreParam, domain: str, source: tuple, lessons: pd.DataFrame, trades: pd.DataFrame,
                patterns: pd.DataFrame, scope: pd.DataFrame) -> pd.DataFrame:
     """The incidence of the stored lessons on the trades, once per run.
 
@@ -97,7 +98,7 @@ class _LessonInputs(NamedTuple):
     incidence: pd.DataFrame
 
 
-def _read_lesson_inputs(store: MetaStore, domain: str) -> _LessonInputs:
+def _read_lesson_inputs(store: StoreParam, domain: str) -> _LessonInputs:
     source_rows = store.source_version(domain)  # before the reads it describes
     stored_lessons = store.read("learning_lessons", domain=domain)
     trades = _read_trades(store, domain)
@@ -115,8 +116,8 @@ def _stored(df: pd.DataFrame, table_columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def _knob_metadata(knobs: dict[str, float], source: str) -> dict[str, dg.MetadataValue]:
-    return {"knobs_source": dg.MetadataValue.text(source), "knobs": dg.MetadataValue.json(knobs)}
+def _knob_metadata(knobs: KnobsInEffect) -> dict[str, dg.MetadataValue]:
+    return {"knobs_source": dg.MetadataValue.text(knobs.source), "knobs": dg.MetadataValue.json(knobs.values)}
 
 
 # ---------------------------------------------------------------------------
@@ -137,15 +138,15 @@ LESSON_TABLE_COLUMNS = [c for c in lessons_core.LESSON_COLUMNS]
         "(mean − lambda_ci·1.96·se, lambda_ci from the knobs). Table learning_lessons."
     ),
 )
-def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    knobs, source = current_knobs(store, domain)
+    knobs = store.knobs_in_effect(domain)  # read once per run: pm_overrides of this run sees the same
     source_rows = store.source_version(domain)  # before the reads it describes
     _prefetch_source(store, domain, "trade_scope")  # two readers overlap a little (SQLite's C work frees the GIL)
     trades = _read_trades(store, domain)
     patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
     _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input, during the mining
-    mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs["lambda_ci"]))
+    mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs.values["lambda_ci"]))
     store.remember(_incidence_key(store, domain, mined, source_rows), incidence)  # the stored lessons, in this order
     written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
     top = mined.reindex(mined["edge_lcb"].abs().sort_values(ascending=False).index) if len(mined) else mined
@@ -163,7 +164,7 @@ def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Materiali
             "top_lessons_by_lcb": table_preview(
                 top[["lesson_key", "n", "edge_mean", "edge_se", "edge_lcb", "first_seen", "last_seen"]]
             ),
-            **_knob_metadata(knobs, source),
+            **_knob_metadata(knobs),
         }
     )
 
@@ -184,7 +185,7 @@ def lessons(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Materiali
         "domain-wide drift are not mistaken for decay. Table learning_edge_history."
     ),
 )
-def edge_history(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def edge_history(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     given = _read_lesson_inputs(store, domain)
     history = lessons_core.compute_edge_history(given.lessons, given.trades, given.patterns, given.scope,
@@ -243,7 +244,7 @@ def _decay_figure(history: pd.DataFrame, fits: pd.DataFrame, domain: str, n_top:
         "Table half_life_fits (an unbounded CI end is stored as null)."
     ),
 )
-def half_life_fits(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def half_life_fits(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     history = store.read("learning_edge_history", domain=domain)
     fits = halflife_core.fit_half_lives(history)
@@ -296,17 +297,14 @@ def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figur
         "connected component. Writes latent_factors and fills learning_lessons.latent_factor_id in one transaction."
     ),
 )
-def latent_factors(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def latent_factors(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     given = _read_lesson_inputs(store, domain)
     factors = factors_core.compute_latent_factors(given.lessons, given.trades, given.patterns, given.scope,
                                                   lesson_trades=given.incidence)
-    with_ids = given.lessons.drop(columns=["latent_factor_id", "domain"]).merge(
-        factors[["lesson_key", "latent_factor_id"]], on="lesson_key", how="left"
-    )
-    with store.write() as conn:  # both tables or neither
+    with store.write() as conn:  # both or neither: the table and the column of learning_lessons it owns
         written = store.replace_partition("latent_factors", domain, factors, conn=conn)
-        store.replace_partition("learning_lessons", domain, _stored(with_ids, LESSON_TABLE_COLUMNS), conn=conn)
+        store.set_lesson_factors(conn, domain)
     sizes = factors.drop_duplicates("latent_factor_id")["factor_size"] if len(factors) else pd.Series(dtype=int)
     metadata = {
         "dagster/row_count": dg.MetadataValue.int(written),
@@ -355,7 +353,7 @@ def _weights_figure(weights: pd.DataFrame, domain: str) -> Figure:
         "weights (pooled = true). Table learning_regime_weights; weight applies to (metric − center)/scale."
     ),
 )
-def regime_weights(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def regime_weights(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     trades = _read_trades(store, domain)
     (metrics,) = _read_source(store, domain, "trade_metrics")
@@ -409,9 +407,9 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
         "Each row's source_json names its lessons, fits and knobs. Table pm_overrides."
     ),
 )
-def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def pm_overrides(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    knobs, source = current_knobs(store, domain)
+    knobs = store.knobs_in_effect(domain)
     given = _read_lesson_inputs(store, domain)
     fits = store.read("half_life_fits", domain=domain)
     factors = store.read("latent_factors", domain=domain)
@@ -420,7 +418,7 @@ def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Mate
     trades = given.trades
     now = trades["closed_at"].max() if len(trades) else pd.Timestamp.now(tz="UTC")
     overrides = overrides_core.materialize_overrides(
-        given.lessons, fits, factors, weights, trades, given.patterns, given.scope, metrics, knobs=knobs, now=now,
+        given.lessons, fits, factors, weights, trades, given.patterns, given.scope, metrics, knobs=knobs.values, now=now,
         lesson_trades=given.incidence,
     )
     written = store.replace_partition("pm_overrides", domain, overrides)
@@ -431,7 +429,7 @@ def pm_overrides(context: dg.AssetExecutionContext, store: MetaStore) -> dg.Mate
         "regime_specific_rows": dg.MetadataValue.int(int(overrides["regime"].notna().sum()) if len(overrides) else 0),
         "now": dg.MetadataValue.text(str(now)),
         "overrides": table_preview(overrides.drop(columns=["source_json", "scope_json"]), max_rows=30),
-        **_knob_metadata(knobs, source),
+        **_knob_metadata(knobs),
     }
     if len(overrides):
         metadata["override_edges"] = plot_metadata(_overrides_figure(overrides, domain), "override edges")

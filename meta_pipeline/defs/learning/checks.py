@@ -10,8 +10,7 @@ import dagster as dg
 import numpy as np
 
 from meta_pipeline.defs.learning.assets import half_life_fits, latent_factors, pm_overrides, regime_weights
-from meta_pipeline.defs.resources import domain_partitions
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions
 
 
 def _domain(context: dg.AssetCheckExecutionContext) -> str:
@@ -24,7 +23,7 @@ def _domain(context: dg.AssetCheckExecutionContext) -> str:
     partitions_def=domain_partitions,
     description="Every CI is ordered (low ≤ estimate ≤ high, null = unbounded) and half-lives exist only when decaying.",
 )
-def half_life_cis_ordered(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def half_life_cis_ordered(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     fits = store.read("half_life_fits", domain=_domain(context))
     bad = np.zeros(len(fits), dtype=bool)
     for est, lo, hi in (
@@ -52,7 +51,7 @@ def half_life_cis_ordered(context: dg.AssetCheckExecutionContext, store: MetaSto
     partitions_def=domain_partitions,
     description="Every lesson of the domain has a latent factor, in latent_factors and in learning_lessons.",
 )
-def every_lesson_has_a_factor(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def every_lesson_has_a_factor(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     domain = _domain(context)
     lessons = store.read("learning_lessons", domain=domain, columns=["lesson_key", "latent_factor_id"])
     factors = store.read("latent_factors", domain=domain, columns=["lesson_key", "latent_factor_id"])
@@ -78,7 +77,7 @@ def every_lesson_has_a_factor(context: dg.AssetCheckExecutionContext, store: Met
         "any-regime row and regime rows (the engine rule would be ambiguous)."
     ),
 )
-def overrides_are_well_formed(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def overrides_are_well_formed(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     rows = store.read("pm_overrides", domain=_domain(context))
     non_finite = int((~np.isfinite(rows["edge"].to_numpy(dtype=float))).sum())
     regime = rows["regime"].fillna("\x00any")
@@ -97,7 +96,7 @@ def overrides_are_well_formed(context: dg.AssetCheckExecutionContext, store: Met
     partitions_def=domain_partitions,
     description="Weights, centers and scales are finite and scales positive.",
 )
-def regime_weights_finite(context: dg.AssetCheckExecutionContext, store: MetaStore) -> dg.AssetCheckResult:
+def regime_weights_finite(context: dg.AssetCheckExecutionContext, store: StoreParam) -> dg.AssetCheckResult:
     rows = store.read("learning_regime_weights", domain=_domain(context))
     values = rows[["weight", "center", "scale"]].to_numpy(dtype=float)
     bad = int((~np.isfinite(values)).any(axis=1).sum() + (rows["scale"].to_numpy(dtype=float) <= 0).sum())

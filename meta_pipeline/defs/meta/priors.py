@@ -14,10 +14,8 @@ from matplotlib.figure import Figure
 
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS
 from meta_pipeline.meta import priors as priors_core
-from meta_pipeline.meta.prior_store import read_global_prior
 from meta_pipeline.meta.shift import SHIFT_FEATURES, pairwise_shift_distances
-from meta_pipeline.defs.resources import domain_partitions, partition_domain, plot_metadata, table_preview
-from meta_pipeline.store import MetaStore
+from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
 
 GLOBAL_PRIOR_GROUP = "fleet"  # cross-domain, unpartitioned assets live in group "fleet" (defs/jobs.py)
 
@@ -56,7 +54,7 @@ def _reward_vs_knobs_figure(telemetry: pd.DataFrame, priors: pd.DataFrame, domai
         "and its reward. A domain without telemetry has no prior (zero rows; the global prior ignores it)."
     ),
 )
-def domain_priors(context: dg.AssetExecutionContext, store: MetaStore) -> dg.MaterializeResult:
+def domain_priors(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     telemetry = store.read("telemetry", domain=domain)
     priors = priors_core.domain_priors(telemetry)
@@ -137,7 +135,7 @@ def _global_prior_figure(details: dict, theta: dict[str, float], by_domain: dict
     ),
 )
 def global_prior(
-    context: dg.AssetExecutionContext, config: GlobalPriorSettings, store: MetaStore
+    context: dg.AssetExecutionContext, config: GlobalPriorSettings, store: StoreParam
 ) -> dg.MaterializeResult:
     """Append version max+1 of the global prior; never overwrites an earlier version.
 
@@ -161,7 +159,7 @@ def global_prior(
     )
     with store.write() as conn:
         # read the previous version inside the write transaction: version = max + 1 atomically
-        previous = read_global_prior(store, conn=conn)
+        previous = store.read_global_prior(conn=conn)
         version = 1 if previous is None else previous.version + 1
         theta, details = priors_core.aggregate_global_prior(
             by_domain, pairwise, None if previous is None else previous.continuous, version, cfg

@@ -1,14 +1,17 @@
 """Test-only: the repo's learning assets as a job on the dagster-celery executor.
 
-The Celery worker imports this module by name (`meta_pipeline_tests.celery_defs`, from the
-repo root on its PYTHONPATH) to rebuild the job for each step it runs, so it holds only
-module-level factories. The store comes from META_PIPELINE_DB_URL at run time
-(dg.EnvVar), resolved in whichever process runs the step: the worker in the Celery run,
-the test process in the in-process reference run. `python -m meta_pipeline_tests.celery_defs`
-orchestrates the Celery runs in a process of their own (see run_domains).
+The Celery worker imports this module by name (`meta_pipeline_tests.support.celery_defs`,
+from the repo root on its PYTHONPATH) to rebuild the job for each step it runs, so it holds
+only module-level factories. The Celery job's store URL is META_PIPELINE_DB_URL of the
+process that builds the job: the worker (every step) and the orchestrating process; the
+in-process reference run gets its store passed in. `python -m
+meta_pipeline_tests.support.celery_defs` orchestrates the Celery runs in a process of their
+own (see run_domains).
 """
 
 from __future__ import annotations
+
+import os
 
 import dagster as dg
 from dagster_celery import celery_executor
@@ -16,9 +19,10 @@ from dagster_celery import celery_executor
 # at module level on purpose: the worker imports this module (-i) before its pool forks,
 # so every pool process starts with the code location already loaded
 from meta_pipeline.definitions import defs as repo_defs
-from meta_pipeline.defs.resources import STORE_KEY
 from meta_pipeline.store import MetaStore
 
+MODULE = "meta_pipeline_tests.support.celery_defs"  # what the worker imports (-i) and `python -m` runs
+STORE_KEY = "store"  # the resource key the assets ask for
 CELERY_JOB_NAME = "learning_celery_job"
 IN_PROCESS_JOB_NAME = "learning_in_process_job"
 # The assets under test: the same selection as the repo's learning_job.
@@ -34,7 +38,7 @@ def learning_defs(job_name: str, executor_def: dg.ExecutorDefinition, store: Met
 
 def learning_celery_job() -> dg.JobDefinition:
     """Reconstructed by the Celery worker for every step: the store URL comes from its environment."""
-    store = MetaStore(db_url=dg.EnvVar("META_PIPELINE_DB_URL"))
+    store = MetaStore(db_url=os.environ["META_PIPELINE_DB_URL"])
     return learning_defs(CELERY_JOB_NAME, celery_executor, store).resolve_job_def(CELERY_JOB_NAME)
 
 
@@ -53,7 +57,7 @@ def run_domains(run_config_path: str, domains: list[str]) -> int:
     from pathlib import Path
 
     # the job must be reconstructed by module name, never as __main__, so the worker can import it
-    from meta_pipeline_tests.celery_defs import learning_celery_job
+    from meta_pipeline_tests.support.celery_defs import learning_celery_job
 
     run_config = json.loads(Path(run_config_path).read_text())
     recon = dg.reconstructable(learning_celery_job)

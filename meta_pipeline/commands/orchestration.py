@@ -11,7 +11,7 @@ import dagster as dg
 from meta_pipeline.contracts import validate_domain
 from meta_pipeline.ingest import IngestReport
 from meta_pipeline.paths import ensure_dagster_home
-from meta_pipeline.defs.resources import STORE_KEY, domain_partitions
+from meta_pipeline.defs.resources import STORE_KEY, StoreResource, domain_partitions
 from meta_pipeline.store import MetaStore
 
 DOMAIN_JOB = "domain_refresh_job"
@@ -63,7 +63,7 @@ def with_store(defs: dg.Definitions, store: MetaStore) -> dg.Definitions:
     return dg.Definitions(
         assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs, schedules=defs.schedules,
         sensors=defs.sensors, executor=defs.executor, loggers=defs.loggers, metadata=defs.metadata,
-        component_tree=defs.component_tree, resources={**(defs.resources or {}), STORE_KEY: store},
+        component_tree=defs.component_tree, resources={**(defs.resources or {}), STORE_KEY: StoreResource(db_url=store.db_url)},
     )
 
 

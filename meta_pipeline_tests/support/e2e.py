@@ -6,32 +6,33 @@ SIGINT (dagster dev's graceful path), then SIGKILL for the whole group, then SIG
 for any straggler that still carries this test's marker environment variable (run
 workers the code server spawned, which may have left the group). Output goes to log
 files in the test's tmp_path whose tails are printed when a test fails, so CI output
-says what the processes did.
+says what the processes did. GraphQL goes through Dagster's own client
+(`dagster_graphql.DagsterGraphQLClient`), never a hand-made HTTP request.
 
 Nothing here is a Dagster definition: this module is imported by tests only.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from meta_pipeline.commands.graphql import backfill_status
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout: meta_pipeline_tests/support/e2e.py
 VENV_BIN = Path(sys.executable).parent
 LOCATION_NAME = "meta_pipeline"
 # Every process a test starts carries this variable (value unique per test), so leftovers
@@ -218,17 +219,21 @@ def make_environment(root: Path, *, db_url: str | None = None, instance_yaml: st
 
 
 class GraphQLError(RuntimeError):
-    pass
+    """The webserver answered, but not with what the query asks for (e.g. a PythonError)."""
+
+
+def graphql_client(url: str, timeout: float = 30.0) -> DagsterGraphQLClient:
+    """Dagster's own GraphQL client for the webserver at `url` (http://127.0.0.1:PORT)."""
+    parsed = urlparse(url)
+    return DagsterGraphQLClient(parsed.hostname or "127.0.0.1", port_number=parsed.port,
+                                use_https=parsed.scheme == "https", timeout=max(1, round(timeout)))
 
 
 def graphql(url: str, query: str, variables: Mapping[str, Any] | None = None, timeout: float = 30.0) -> dict:
-    body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
-    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        payload = json.loads(response.read())
-    if payload.get("errors"):
-        raise GraphQLError(json.dumps(payload["errors"])[:2000])
-    return payload["data"]
+    """One query's `data`. The client has no public call for arbitrary queries, so this is its
+    `_execute` (what its own methods and meta_pipeline.commands.graphql use). Transport failures
+    and GraphQL `errors` raise DagsterGraphQLClientError."""
+    return graphql_client(url, timeout)._execute(query, dict(variables or {}))
 
 
 READINESS_QUERY = """
@@ -301,7 +306,7 @@ def run_failure_summary(url: str, run_id: str, max_chars: int = 4000) -> str:
     """The error messages of a failed run (step failures first), for assertion messages."""
     try:
         conn = graphql(url, RUN_ERRORS_QUERY, {"runId": run_id})["logsForRun"]
-    except (GraphQLError, OSError) as exc:
+    except (GraphQLError, DagsterGraphQLClientError) as exc:
         return f"(could not read logs of run {run_id}: {exc})"
     lines = []
     for event in conn.get("events", []):
@@ -443,8 +448,8 @@ class DagsterDev:
         def ready() -> bool:
             try:
                 data = graphql(self.url, READINESS_QUERY, timeout=5)
-            except (OSError, urllib.error.URLError, GraphQLError, json.JSONDecodeError) as exc:
-                last["state"] = f"webserver: {type(exc).__name__}: {exc}"
+            except DagsterGraphQLClientError as exc:  # not listening yet, or no answer in time
+                last["state"] = f"webserver: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 return False
             entries = {e["name"]: e["locationOrLoadError"] for e in data["workspaceOrError"].get("locationEntries", [])}
             location = entries.get(LOCATION_NAME)
