@@ -11,6 +11,7 @@ from meta_pipeline.store import MetaStore
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from meta_pipeline.learning.overrides import KNOBS_RECORDED
     from meta_pipeline.learning.predict import predict_file
 
     try:
@@ -19,6 +20,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except ContractError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.attrs.get("knobs_source") != KNOBS_RECORDED:  # e.g. no overrides: the knobs in effect decide tier2
+        print(f"note: no knobs recorded with {domain}'s overrides (none stored?); tier2_enabled="
+              f"{int(bool(result.attrs.get('tier2_enabled')))} from {result.attrs.get('knobs_source')}", file=sys.stderr)
     skipped = result.attrs.get("quarantine")
     if skipped is not None and len(skipped):
         print(f"warning: {len(skipped)} row(s) skipped for breaking the contract, first: line "

@@ -62,14 +62,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from meta_pipeline.meta.reward import meta_reward
+from meta_pipeline.contracts import TELEMETRY_REQUIRED, knob_column
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit
+from meta_pipeline.meta.reward import telemetry_reward
+from meta_pipeline.meta.surface import quadratic_design, ridge_solve
 
 DIAGNOSTICS_COLUMNS = [
     "domain", "section", "subject", "metric", "value", "ci_low", "ci_high", "n", "p_value", "details_json",
 ]
 ENV_FEATURES = ("stability_mean", "vram_utilization", "latency_ms")
-TELEMETRY_OUTCOMES = ("gain_p50", "stability_mean", "vram_utilization", "latency_ms")
 PERFORMANCE_SECTIONS = ("by_regime", "by_strategy", "by_strategy_regime", "by_pattern_family")
 
 
@@ -362,16 +363,11 @@ def override_identity(overrides: pd.DataFrame) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def telemetry_reward(telemetry: pd.DataFrame) -> np.ndarray:
-    cols = {c: pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in TELEMETRY_OUTCOMES}
-    return np.asarray(meta_reward(**cols), dtype=float).reshape(-1)
-
-
 def knob_matrix(telemetry: pd.DataFrame) -> tuple[list[str], np.ndarray]:
-    """The knobs present in telemetry (store layout knob_<name> or file layout knob.<name>) as values."""
+    """The knobs telemetry reports at least once (``contracts.knob_column``), as values."""
     names, cols = [], []
     for name in KNOB_NAMES:
-        col = next((c for c in (f"knob_{name}", f"knob.{name}") if c in telemetry.columns), None)
+        col = knob_column(telemetry, name)
         if col is None:
             continue
         values = pd.to_numeric(telemetry[col], errors="coerce").to_numpy(dtype=float)
@@ -437,7 +433,7 @@ def permutation_mutual_information(x: np.ndarray, y: np.ndarray, *, n_permutatio
 
 @dataclass
 class QuadraticSurface:
-    """OLS fit of reward ≈ a + Σ_k b_k u_k + c_k u_k² (no square term for bool knobs)."""
+    """OLS fit of reward ≈ a + Σ_k b_k u_k + c_k u_k² (no square term for bool knobs; ``meta.surface``)."""
 
     names: list[str]
     kinds: list[str]
@@ -448,13 +444,7 @@ class QuadraticSurface:
     resid_sd: float
 
     def design(self, u: np.ndarray) -> np.ndarray:
-        u = np.atleast_2d(u)
-        cols = [np.ones(len(u))]
-        for j, kind in enumerate(self.kinds):
-            cols.append(u[:, j])
-            if kind != "bool":
-                cols.append(u[:, j] ** 2)
-        return np.column_stack(cols)
+        return quadratic_design(u, self.kinds).matrix
 
     def predict(self, u: np.ndarray) -> np.ndarray:
         return self.design(u) @ self.beta
@@ -466,18 +456,13 @@ class QuadraticSurface:
 
 
 def fit_surface(u: np.ndarray, reward: np.ndarray, names: list[str]) -> QuadraticSurface | None:
+    """The surface over raw unit space (no centering), or None with fewer than p + 3 ticks."""
     kinds = [KNOBS[nm].kind for nm in names]
-    surface = QuadraticSurface(names, kinds, np.empty(0), np.empty((0, 0)), 0, len(reward), float("nan"))
-    X = surface.design(u)
+    X = quadratic_design(u, kinds).matrix
     if len(reward) <= X.shape[1] + 2:
         return None
-    gram = X.T @ X + 1e-9 * len(reward) * np.eye(X.shape[1])  # tiny ridge: a constant knob stays solvable
-    beta = np.linalg.solve(gram, X.T @ reward)
-    resid = reward - X @ beta
-    dof = len(reward) - X.shape[1]
-    sigma2 = float(resid @ resid / dof)
-    surface.beta, surface.cov, surface.dof, surface.resid_sd = beta, sigma2 * np.linalg.inv(gram), dof, math.sqrt(sigma2)
-    return surface
+    fit = ridge_solve(X, reward, 1e-9 * len(reward), with_cov=True)  # tiny ridge: a constant knob stays solvable
+    return QuadraticSurface(names, kinds, fit.beta, fit.cov, fit.dof, len(reward), math.sqrt(fit.sigma2))
 
 
 def _unit(names: list[str], values: np.ndarray) -> np.ndarray:
@@ -666,7 +651,7 @@ def _knob_rows(inputs: DiagnosticsInputs, s: DiagnosticsSettings, notes: list[st
     if not _present(tel):
         notes.append("no telemetry: knob importance, best region, global-prior gap and nearest configurations skipped")
         return []
-    missing = [c for c in (*TELEMETRY_OUTCOMES, "ts") if c not in tel.columns]
+    missing = [c for c in TELEMETRY_REQUIRED if c not in tel.columns]
     if missing:
         notes.append(f"telemetry lacks {missing}: knob diagnostics skipped")
         return []

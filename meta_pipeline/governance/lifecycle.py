@@ -21,6 +21,9 @@ Apply refuses a stale proposal (the target's active config is no longer the snap
 the proposal was made against); revert refuses when the active config is no longer what
 the proposal applied (a later change would be clobbered). Both say what to do instead.
 
+One proposal run (``run_proposal_cycle``): proposals from the fleet's diagnostics are
+generated, inserted (deduplicated) and, when a policy allows it, auto-applied.
+
 No Dagster here: the asset, the review job and the CLI all call these functions.
 """
 
@@ -37,7 +40,12 @@ import pandas as pd
 from sqlalchemy.engine import Connection
 
 from meta_pipeline.contracts import meta_controller_config_proposals
-from meta_pipeline.governance.proposals import PROPOSAL_COLUMNS, TARGET_TYPES, canonical
+from meta_pipeline.governance.proposals import (
+    PROPOSAL_COLUMNS,
+    TARGET_TYPES,
+    canonical,
+    generate_proposals,
+)
 from meta_pipeline.store import MetaStore, insert_frame, lock
 from meta_pipeline.store import configs as config_rows
 
@@ -306,3 +314,48 @@ def auto_apply(store: MetaStore, policy: AutoApplySettings, proposal_ids: Iterab
         except ProposalError as exc:  # e.g. stale after a stronger proposal for the same target was applied
             skipped.append(str(exc))
     return applied, skipped
+
+
+# ---------------------------------------------------------------------------
+# one proposal run
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ProposalCycleReport:
+    """What one proposal run did (``run_proposal_cycle``)."""
+
+    domains: list[str]  # domains with diagnostics rows
+    candidates: pd.DataFrame  # every scored test (generate_proposals)
+    proposals: pd.DataFrame  # proposals generated from them
+    inserted: list[str]  # proposal ids inserted as PENDING
+    duplicates: list[str]  # evidence hashes already PENDING: skipped
+    applied: list[TransitionResult]  # auto-applied by the policy
+    skipped: list[str]  # why an allowed proposal was not auto-applied
+    new_proposals: pd.DataFrame  # the rows inserted by this run, with their status after auto-apply
+    pending: pd.DataFrame  # every PENDING proposal after the run
+
+    def top_candidates(self, n: int = 15) -> pd.DataFrame:
+        return self.candidates.sort_values("confidence", ascending=False).head(n) if len(self.candidates) \
+            else self.candidates
+
+
+def run_proposal_cycle(store: MetaStore, diagnostics: pd.DataFrame, policy: AutoApplySettings) -> ProposalCycleReport:
+    """Generate proposals from every domain's diagnostics, insert them as PENDING
+    (``insert_proposals``), then auto-apply what ``policy`` allows (``auto_apply``).
+
+    Snapshots are each target's active config, or for a domain's META_KNOBS without one
+    the knobs in effect (``MetaStore.knobs_in_effect``).
+    """
+    domains = sorted(diagnostics["domain"].unique()) if len(diagnostics) else []
+    current_knobs = {d: store.knobs_in_effect(d).values for d in domains}
+    proposals, candidates = generate_proposals(diagnostics, store.active_configs(), current_knobs=current_knobs)
+    report = insert_proposals(store, proposals)
+    applied, skipped = auto_apply(store, policy)
+    every = list_proposals(store)
+    return ProposalCycleReport(
+        domains=domains, candidates=candidates, proposals=proposals, inserted=report.inserted,
+        duplicates=report.duplicates, applied=applied, skipped=skipped,
+        new_proposals=every[every["proposal_id"].isin(report.inserted)],
+        pending=every[every["status"] == "PENDING"].reset_index(drop=True),
+    )

@@ -100,7 +100,11 @@ from scipy import sparse, stats
 
 from meta_pipeline.knobs import default_knobs
 from meta_pipeline.learning import regime as regime_core
-from meta_pipeline.learning.lessons import check_trades_frame, dense_groups, match_lessons
+from meta_pipeline.learning.lessons import (
+    check_trades_frame,
+    dense_groups,
+    match_lessons,
+)
 
 __all__ = [
     "KNOBS_RECORDED",
@@ -365,7 +369,7 @@ def _fit_knobs(knobs: Mapping[str, float]) -> dict[str, float]:
         "tau": float(knobs.get("tau", 0.95)),
         "g_min": float(knobs.get("g_min", 0.02)),
         "tier2_enabled": float(bool(knobs.get("tier2_enabled", 1.0))),
-        "tier3_topk": float(max(1, int(round(float(knobs.get("tier3_topk", 5)))))),
+        "tier3_topk": float(max(1, round(float(knobs.get("tier3_topk", 5))))),
     }
 
 

@@ -25,10 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from meta_pipeline.contracts import TradesBatch, read_input_file, validate_domain, validate_trades
+from meta_pipeline.contracts import (
+    TradesBatch,
+    read_input_file,
+    validate_domain,
+    validate_trades,
+)
 from meta_pipeline.learning.overrides import OverrideModel
 
-__all__ = ["predict_trades", "predict_file", "override_model"]
+__all__ = ["override_model", "predict_file", "predict_trades"]
 
 
 def override_model(store_or_frames: Any, domain: str) -> OverrideModel:

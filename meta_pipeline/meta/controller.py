@@ -42,7 +42,7 @@ How it searches: one-knob trials in trust regions, judged by paired comparisons
   rollbacks judged since the baseline was last seen are blamed on the shift and their
   cooldown penalties cleared (the snapshot is just as bad, so the changes were not at fault).
 
-Reward: each tick's reward is `governance.reward.meta_reward`; a decision uses the **mean
+Reward: each tick's reward is `meta.reward.meta_reward`; a decision uses the **mean
 reward of the batch** (all of its ticks that ran the knobs in effect; see `_attribute`).
 
 Prior: a prior (e.g. the newest `global_prior` version) sets the cold-start point and pulls
@@ -67,12 +67,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from meta_pipeline.contracts import TELEMETRY_BOUNDS
-from meta_pipeline.meta.reward import meta_reward
+from meta_pipeline.contracts import (
+    TELEMETRY_REQUIRED,
+    TELEMETRY_STORE_COLUMNS,
+    check_telemetry_rows,
+    knob_column,
+)
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, default_knobs
+from meta_pipeline.meta.reward import meta_reward
+from meta_pipeline.meta.surface import quadratic_design, ridge_solve
 
-TELEMETRY_FIELDS: tuple[str, ...] = ("ts", "gain_p50", "stability_mean", "vram_utilization", "latency_ms")
-VALUE_FIELDS: tuple[str, ...] = TELEMETRY_FIELDS[1:]
 # Two knob vectors are "the same policy" within this distance per knob, in unit space
 # (stored floats round-trip exactly; the slack only absorbs float formatting elsewhere).
 KNOB_MATCH_TOL = 1e-7
@@ -286,13 +290,12 @@ def cold_start(
 
 
 @dataclass
-class TelemetryBatch:
-    """A validated batch: per-tick rewards, the knobs each tick reported (NaN = not reported)."""
+class DecisionBatch:
+    """The ticks one decision is made on: per-tick rewards and the knobs each tick reported."""
 
     ts: pd.Series  # UTC timestamps
     rewards: np.ndarray
     reported_knobs: np.ndarray  # n × len(KNOB_NAMES), NaN where a tick did not report a knob
-    frame: pd.DataFrame  # the rows as given (for the audit trail)
 
 
 def _row_label(i: int, ts: pd.Series | None) -> str:
@@ -301,68 +304,35 @@ def _row_label(i: int, ts: pd.Series | None) -> str:
     return f"row {i}"
 
 
-def _as_float(series: pd.Series) -> np.ndarray:
-    """Numbers as floats; anything unparsable becomes NaN (and is then reported as not finite)."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
-        return series.to_numpy(dtype=float, na_value=np.nan)
-    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-
-
-def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None) -> TelemetryBatch:
+def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None) -> DecisionBatch:
     """Check a telemetry batch and compute its rewards, or raise TelemetryError naming field and row.
 
-    Required: ts (parseable), gain_p50, stability_mean ∈ [0,1], vram_utilization ∈ [0,1],
-    latency_ms ≥ 0, all finite. Optional knob columns `knob_<name>` (or `knob.<name>`):
-    empty means "not reported", anything else must be a finite number. Ticks must be newer
-    than `last_ts` (a tick is never consumed twice).
+    The row checks are the data contract's (``contracts.check_telemetry_rows``, the same
+    that quarantine rows at ingest): ts parseable, outcomes finite and within
+    TELEMETRY_BOUNDS, knob columns ``knob_<name>`` (or ``knob.<name>``) empty ("not
+    reported") or finite. The first failed check is raised. Ticks must also be newer than
+    ``last_ts`` (a tick is never consumed twice).
     """
     if not isinstance(telemetry, pd.DataFrame):
         raise TelemetryError(f"telemetry must be a DataFrame, got {type(telemetry).__name__}")
     if telemetry.empty:
         raise TelemetryError("telemetry batch is empty: a decision needs at least one tick")
-    missing = [c for c in TELEMETRY_FIELDS if c not in telemetry.columns]
+    missing = [c for c in TELEMETRY_REQUIRED if c not in telemetry.columns]
     if missing:
         raise TelemetryError(f"telemetry is missing required field(s): {', '.join(missing)}")
     frame = telemetry.reset_index(drop=True)
-    if pd.api.types.is_datetime64_any_dtype(frame["ts"]):
-        ts = frame["ts"].dt.tz_localize("UTC") if frame["ts"].dt.tz is None else frame["ts"].dt.tz_convert("UTC")
-    else:
-        ts = pd.to_datetime(frame["ts"], utc=True, errors="coerce", format="ISO8601")
-    bad_ts = np.flatnonzero(ts.isna().to_numpy())
-    if len(bad_ts):
-        i = int(bad_ts[0])
-        raise TelemetryError(f"telemetry field 'ts' is missing or unparsable in row {i} (value {frame['ts'].iloc[i]!r})")
-    values: dict[str, np.ndarray] = {}
-    for col in VALUE_FIELDS:
-        arr = _as_float(frame[col])
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if len(bad):
-            i = int(bad[0])
-            raise TelemetryError(
-                f"telemetry field {col!r} is not a finite number in {_row_label(i, ts)}: {frame[col].iloc[i]!r}"
-            )
-        lo, hi = TELEMETRY_BOUNDS.get(col, (-math.inf, math.inf))
-        out = np.flatnonzero((arr < lo) | (arr > hi))
-        if len(out):
-            i = int(out[0])
-            raise TelemetryError(f"telemetry field {col!r} = {arr[i]!r} outside [{lo}, {hi}] in {_row_label(i, ts)}")
-        values[col] = arr
+    rows = check_telemetry_rows(frame)
+    ts = rows.ts
+    problem = rows.first_problem()
+    if problem is not None:
+        i, col, reason = problem
+        raise TelemetryError(
+            f"telemetry field {col!r} in {_row_label(i, ts)}: {reason} (value {frame[col].iloc[i]!r})"
+        )
     reported = np.full((len(frame), len(KNOB_NAMES)), np.nan)
     for j, name in enumerate(KNOB_NAMES):
-        col = f"knob_{name}" if f"knob_{name}" in frame.columns else f"knob.{name}"
-        if col not in frame.columns:
-            continue
-        raw = frame[col]
-        arr = _as_float(raw)
-        if pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw.dtype):
-            given = ~np.isnan(arr)
-        else:  # text cells: empty means "not reported"
-            given = raw.notna().to_numpy() & (raw.astype("string").fillna("").str.strip() != "").to_numpy()
-        bad = np.flatnonzero(given & ~np.isfinite(arr))
-        if len(bad):
-            i = int(bad[0])
-            raise TelemetryError(f"telemetry field {col!r} is not a finite number in {_row_label(i, ts)}: {raw.iloc[i]!r}")
-        reported[:, j] = np.where(given, arr, np.nan)
+        if name in rows.knobs:
+            reported[:, j] = rows.knobs[name]
     if last_ts is not None:
         old = np.flatnonzero((ts <= pd.Timestamp(last_ts)).to_numpy())
         if len(old):
@@ -370,8 +340,8 @@ def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None
             raise TelemetryError(
                 f"telemetry {_row_label(i, ts)} is not newer than the last consumed tick {last_ts}: already decided on"
             )
-    rewards = np.asarray(meta_reward(**values), dtype=float).reshape(-1)
-    return TelemetryBatch(ts=ts, rewards=rewards, reported_knobs=reported, frame=frame)
+    rewards = np.asarray(meta_reward(**rows.outcomes), dtype=float).reshape(-1)
+    return DecisionBatch(ts=ts, rewards=rewards, reported_knobs=reported)
 
 
 # ---------------------------------------------------------------------------
@@ -452,7 +422,7 @@ def _learn_noise(state: ControllerState, residual: float, factor: float, config:
 # ---------------------------------------------------------------------------
 
 
-def _attribute(batch: TelemetryBatch, state: ControllerState) -> tuple[str, np.ndarray]:
+def _attribute(batch: DecisionBatch, state: ControllerState) -> tuple[str, np.ndarray]:
     """Which policy did the batch run? 'current' (the knobs in effect), 'snapshot' (the
     engine has not picked up the pending change yet) or 'foreign' (knobs the controller did
     not set: engine lag after a rollback, historical exploration, a hand-set policy).
@@ -660,23 +630,17 @@ def fit_surrogate(
         return None
     k = len(KNOB_NAMES)
     data = np.asarray(observations, dtype=float)
-    delta = data[:, :k] - incumbent_unit
     reward = data[:, k]
     weight = config.model_forget ** np.maximum(now - data[:, k + 1], 0.0)
-    quad = np.array([KNOBS[n].kind != "bool" for n in KNOB_NAMES])
-    design = np.column_stack([np.ones(len(reward)), delta, delta[:, quad] ** 2])
-    penalty = np.full(design.shape[1], config.model_ridge)
-    penalty[0] = 1e-9
-    target = np.zeros(design.shape[1])
-    target[1 + k:] = -config.model_curvature_prior
-    lhs = design.T @ (weight[:, None] * design) + np.diag(penalty)
-    rhs = design.T @ (weight * reward) + penalty * target
-    beta = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-    a = beta[1:1 + k]
-    b = np.zeros(k)
-    b[quad] = beta[1 + k:]
+    design = quadratic_design(data[:, :k], [KNOBS[n].kind for n in KNOB_NAMES], center=incumbent_unit)
+    penalty = np.full(design.n_params, config.model_ridge)
+    penalty[0] = 1e-9  # the level is free
+    target = np.zeros(design.n_params)
+    target[design.square[design.squared]] = -config.model_curvature_prior
+    beta = ridge_solve(design.matrix, reward, penalty, weights=weight, target=target).beta
+    delta = design.matrix[:, design.linear]
     varied = (weight[:, None] * (np.abs(delta) > 1e-9)).sum(axis=0)
-    return a, b, varied
+    return beta[design.linear], design.curvature(beta), varied
 
 
 def _candidate(name: str, u0: float, delta: float) -> tuple[float, float]:
@@ -972,7 +936,7 @@ def split_batches(telemetry: pd.DataFrame, ticks_per_decision: int = 1) -> list[
     if telemetry.empty:
         return []
     frame = telemetry.sort_values("ts", kind="stable").reset_index(drop=True)
-    cols = [c for c in (f"knob_{n}" for n in KNOB_NAMES) if c in frame.columns]
+    cols = [c for c in (knob_column(frame, n) for n in KNOB_NAMES) if c is not None]
     if cols:
         knobs = frame[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
         same = np.all((knobs[1:] == knobs[:-1]) | (np.isnan(knobs[1:]) & np.isnan(knobs[:-1])), axis=1)
@@ -987,7 +951,7 @@ def split_batches(telemetry: pd.DataFrame, ticks_per_decision: int = 1) -> list[
 
 def telemetry_records(batch: pd.DataFrame) -> list[dict]:
     """A batch as JSON-ready records (ts as ISO-8601 UTC, missing values as null): the audit trail."""
-    cols = [c for c in (*TELEMETRY_FIELDS, *[f"knob_{n}" for n in KNOB_NAMES]) if c in batch.columns]
+    cols = [c for c in TELEMETRY_STORE_COLUMNS if c in batch.columns]
     frame = batch[cols].copy()
     frame["ts"] = pd.to_datetime(frame["ts"], utc=True).map(lambda t: t.isoformat())
     out = []

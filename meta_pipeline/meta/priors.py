@@ -14,8 +14,8 @@ Per domain (``domain_priors``), for each knob seen in the telemetry:
   weights) and smooth (no hard cut-off). Temperature ½ gives a tick one reward-σ above
   average e² ≈ 7.4× the weight of an average tick.
 * ``best_value`` — where the knob's reward is highest. Estimated from a separable
-  quadratic response surface ``reward ≈ a + Σ_k b_k·u_k + c_k·u_k²`` fitted jointly over
-  all varying knobs (so a knob correlated with another one is not credited with its
+  quadratic response surface ``reward ≈ a + Σ_k b_k·u_k + c_k·u_k²`` (``meta.surface``,
+  centred on the mean) fitted jointly over all varying knobs (so a knob correlated with another one is not credited with its
   effect). When a knob's curvature is significantly negative (t < −2) its optimum is the
   vertex ``−b/(2c)``, clipped to the range actually observed (no extrapolation). Else —
   a flat or monotone response, too few ticks, bool knobs without a significant effect —
@@ -43,7 +43,9 @@ mean; a domain excluded on at least half the knobs is dropped altogether. The we
 mean per knob is the Reptile target; the first version IS that mean, later versions
 move ``θ ← θ + ε·(target − θ)`` (``reptile.reptile_step``) with ε annealed linearly over
 versions (``reptile.annealed_epsilon``), so the prior settles instead of chasing every
-new batch.
+new batch. ``build_global_prior`` is the whole step the ``global_prior`` asset runs: the
+tables in (domain priors, telemetry for the shift distances, the previous version), the
+new version's rows out.
 
 Few-shot warm start (``warm_start_prior``): once a new domain has a little telemetry,
 its shift distance to each known domain tells which domains it resembles. The prior
@@ -61,43 +63,32 @@ It needs 2 ticks, where the controller's own guard needs its exploration window.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from meta_pipeline.meta.reward import meta_reward
+from meta_pipeline.contracts import knob_column
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, knobs_to_unit, unit_to_knobs
 from meta_pipeline.meta.reptile import annealed_epsilon, reptile_step
+from meta_pipeline.meta.reward import telemetry_reward
+from meta_pipeline.meta.shift import pairwise_shift_distances
+from meta_pipeline.meta.surface import quadratic_design, ridge_solve
+
+if TYPE_CHECKING:
+    from meta_pipeline.store import GlobalPriorVersion
 
 PRIOR_COLUMNS = ["knob", "mean", "std", "n_obs", "best_value", "best_reward", "reward_mean"]
 CENTERS = ("best_value", "mean")
-TELEMETRY_OUTCOMES = ("gain_p50", "stability_mean", "vram_utilization", "latency_ms")
 
 
 # ---------------------------------------------------------------------------
 # Per-domain priors
 # ---------------------------------------------------------------------------
-
-
-def knob_column(telemetry: pd.DataFrame, name: str) -> str | None:
-    """The telemetry column holding a knob: store layout ``knob_<name>`` or file layout ``knob.<name>``."""
-    for col in (f"knob_{name}", f"knob.{name}"):
-        if col in telemetry.columns:
-            return col
-    return None
-
-
-def telemetry_reward(telemetry: pd.DataFrame) -> np.ndarray:
-    """The meta-reward of each tick (NaN where an outcome is missing)."""
-    missing = [c for c in TELEMETRY_OUTCOMES if c not in telemetry.columns]
-    if missing:
-        raise ValueError(f"telemetry lacks column(s) {missing}")
-    cols = {c: pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in TELEMETRY_OUTCOMES}
-    return np.asarray(meta_reward(**cols), dtype=float).reshape(-1)
 
 
 def reward_weights(reward: np.ndarray, temperature: float = 0.5) -> np.ndarray:
@@ -134,30 +125,19 @@ def _quadratic_optima(u: np.ndarray, reward: np.ndarray, kinds: list[str], min_t
     if varying.size == 0 or n < max(12, min_ticks_per_param * n_params):
         return values, methods
     center = u.mean(axis=0)
-    cols, index = [np.ones(n)], []  # index: (knob j, "lin"|"sq")
-    for j in varying:
-        x = u[:, j] - center[j]
-        cols.append(x)
-        index.append((j, "lin"))
-        if kinds[j] != "bool":  # for a 0/1 column x² is collinear with x
-            cols.append(x * x)
-            index.append((j, "sq"))
-    X = np.column_stack(cols)
-    gram = X.T @ X + 1e-8 * n * np.eye(X.shape[1])  # tiny ridge: near-collinear knobs stay solvable
-    beta = np.linalg.solve(gram, X.T @ reward)
-    resid = reward - X @ beta
-    dof = max(n - X.shape[1], 1)
-    cov = (resid @ resid / dof) * np.linalg.inv(gram)
-    se = np.sqrt(np.maximum(np.diag(cov), 1e-300))
-    t = beta / se
-    pos = {key: i + 1 for i, key in enumerate(index)}
-    for j in varying:
-        b, t_b = beta[pos[(j, "lin")]], t[pos[(j, "lin")]]
+    # around the mean (so the linear terms are the slopes there); no square for a 0/1 knob
+    design = quadratic_design(u[:, varying], [kinds[j] for j in varying], center=center[varying])
+    fit = ridge_solve(design.matrix, reward, 1e-8 * n, with_cov=True)  # tiny ridge: near-collinear knobs stay solvable
+    beta = fit.beta
+    t = beta / np.sqrt(np.maximum(np.diag(fit.cov), 1e-300))
+    for i, j in enumerate(varying):
+        lin, sq = design.linear[i], design.square[i]
+        b, t_b = beta[lin], t[lin]
         if kinds[j] == "bool":
             if abs(t_b) > 2.0:
                 values[j], methods[j] = (1.0 if b > 0 else 0.0), "sign"
             continue
-        c, t_c = beta[pos[(j, "sq")]], t[pos[(j, "sq")]]
+        c, t_c = beta[sq], t[sq]
         if c < 0 and t_c < -2.0:
             vertex = center[j] - b / (2.0 * c)
             values[j] = float(np.clip(vertex, u[:, j].min(), u[:, j].max()))
@@ -447,6 +427,96 @@ def aggregate_global_prior(
         },
     }
     return theta, details
+
+
+class NoDomainPriors(ValueError):
+    """No domain has a prior yet: there is nothing to aggregate."""
+
+
+@dataclass(frozen=True)
+class ShiftSettings:
+    """How the domains' shift distances are measured for the global prior (``meta.shift``)."""
+
+    method: str = "mmd"
+    max_ticks: int = 300
+    seed: int = 0
+
+
+@dataclass
+class GlobalPriorBuild:
+    """A new version of the global prior: the ``global_prior`` rows to append and what they came from."""
+
+    version: int
+    theta: dict[str, float]  # bounded, deployable knob values
+    details: dict[str, Any]  # see aggregate_global_prior, plus the shift method and pairwise distances
+    rows: pd.DataFrame  # the version's rows, in the layout of the ``global_prior`` table
+    by_domain: dict[str, pd.DataFrame]  # the domain priors it was built from
+    previous_values: dict[str, float] | None  # the previous version's knob values
+
+    def knob_table(self) -> pd.DataFrame:
+        """Per knob: the new value, the previous one, the Reptile target and θ in unit space."""
+        return pd.DataFrame(
+            {
+                "knob": list(KNOB_NAMES),
+                "value": [self.theta[k] for k in KNOB_NAMES],
+                "previous": [None if self.previous_values is None else self.previous_values.get(k) for k in KNOB_NAMES],
+                "target_unit": [self.details["target_unit"][k] for k in KNOB_NAMES],
+                "theta_unit": [self.details["theta_unit"][k] for k in KNOB_NAMES],
+            }
+        )
+
+    def domain_table(self) -> pd.DataFrame:
+        """Per domain: its weight, evidence, best reward, shift distance and outlier flags."""
+        return pd.DataFrame(
+            [
+                {"domain": d, "weight": v["weight"], "n_obs": v["n_obs"], "best_reward": v["best_reward"],
+                 "shift_distance": v["shift_distance"], "outlier": v["outlier"],
+                 "outlier_knobs": ",".join(v["outlier_knobs"])}
+                for d, v in self.details["domains"].items()
+            ]
+        )
+
+
+def build_global_prior(
+    priors_long: pd.DataFrame,
+    telemetry: pd.DataFrame,
+    previous: GlobalPriorVersion | None,
+    config: GlobalPriorConfig | None = None,
+    shift: ShiftSettings = ShiftSettings(),
+    now: pd.Timestamp | None = None,
+) -> GlobalPriorBuild:
+    """The next version of the global prior from the fleet's tables.
+
+    ``priors_long``: the ``domain_priors`` table; ``telemetry``: the ``telemetry`` table's
+    ``domain`` and SHIFT_FEATURES columns (the shift distances between the domains with a
+    prior); ``previous``: the newest stored version (None = this is version 1), whose
+    continuous values the Reptile step starts from. Raises NoDomainPriors when no domain
+    has a prior.
+    """
+    by_domain = priors_by_domain(priors_long)
+    if not by_domain:
+        raise NoDomainPriors("no domain priors yet: materialize domain_priors for at least one domain with telemetry")
+    tel_by_domain = {d: g for d, g in telemetry.groupby("domain") if d in by_domain}
+    pairwise = pairwise_shift_distances(tel_by_domain, method=shift.method, max_n=shift.max_ticks, seed=shift.seed)
+    version = 1 if previous is None else previous.version + 1
+    theta, details = aggregate_global_prior(
+        by_domain, pairwise, None if previous is None else previous.continuous, version, config
+    )
+    details["shift_method"] = shift.method
+    details["shift_pairwise"] = {d: {e: float(v) for e, v in row.items()} for d, row in pairwise.iterrows()}
+    rows = pd.DataFrame(
+        {
+            "version": version,
+            "created_at": now if now is not None else pd.Timestamp.now(tz="UTC"),
+            "knob": list(KNOB_NAMES),
+            "value": [theta[k] for k in KNOB_NAMES],
+            "n_domains": details["n_domains"],
+            "epsilon": details["epsilon"],
+            "details_json": json.dumps(details, sort_keys=True),
+        }
+    )
+    return GlobalPriorBuild(version, theta, details, rows, by_domain,
+                            None if previous is None else dict(previous.values))
 
 
 # ---------------------------------------------------------------------------

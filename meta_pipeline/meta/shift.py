@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 from scipy import linalg
 
+from meta_pipeline.contracts import TELEMETRY_OUTCOMES
+
 # The outcome columns of a telemetry tick (the knobs are inputs, not outcomes).
-SHIFT_FEATURES: tuple[str, ...] = ("gain_p50", "stability_mean", "vram_utilization", "latency_ms")
+SHIFT_FEATURES: tuple[str, ...] = TELEMETRY_OUTCOMES  # a domain's environment: its telemetry outcomes
 METHODS = ("mmd", "frechet")
 
 

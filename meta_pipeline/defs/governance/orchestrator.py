@@ -1,9 +1,10 @@
 """The meta orchestrator in Dagster: per-domain diagnostics, cross-domain config proposals,
 and the review job a person runs from the UI to approve / reject / apply / revert one.
 
-The math is in meta_pipeline.governance.{diagnostics,proposals}; the state machine and
-its transactions in meta_pipeline.governance.lifecycle. This module only reads inputs,
-calls them, writes and reports.
+The math is in meta_pipeline.governance.{diagnostics,proposals}; the state machine, its
+transactions and one proposal run (``lifecycle.run_proposal_cycle``) in
+meta_pipeline.governance.lifecycle. This module only reads inputs, calls them, writes and
+reports.
 """
 
 import json
@@ -15,10 +16,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import Field
 
+from meta_pipeline.defs.resources import (
+    StoreParam,
+    domain_partitions,
+    partition_domain,
+    plot_metadata,
+    table_preview,
+)
 from meta_pipeline.governance import lifecycle
-from meta_pipeline.governance.diagnostics import DiagnosticsInputs, DiagnosticsResult, compute_diagnostics
-from meta_pipeline.governance.proposals import TARGET_TYPES, generate_proposals
-from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.governance.diagnostics import (
+    DiagnosticsInputs,
+    DiagnosticsResult,
+    compute_diagnostics,
+)
+from meta_pipeline.governance.proposals import TARGET_TYPES
 
 # ---------------------------------------------------------------------------
 # diagnostics (per domain)
@@ -182,31 +193,23 @@ def _proposals_table(frame: pd.DataFrame) -> pd.DataFrame:
 )
 def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy, store: StoreParam) -> dg.MaterializeResult:
     policy = lifecycle.AutoApplySettings(config.enabled, config.min_confidence, tuple(config.target_types))
-    diag = store.read("diagnostics")
-    domains = sorted(diag["domain"].unique()) if len(diag) else []
-    if not domains:
+    run = lifecycle.run_proposal_cycle(store, store.read("diagnostics"), policy)
+    if not run.domains:
         context.log.warning("no diagnostics rows yet: materialize `diagnostics` for some domains first")
-    current_knobs = {d: store.knobs_in_effect(d).values for d in domains}
-    proposals, candidates = generate_proposals(diag, store.active_configs(), current_knobs=current_knobs)
-    report = lifecycle.insert_proposals(store, proposals)
-    applied, skipped = lifecycle.auto_apply(store, policy)
-    for message in skipped:
+    for message in run.skipped:
         context.log.warning(f"auto-apply skipped: {message}")
-    pending = lifecycle.list_proposals(store, "PENDING")
-    this_run = lifecycle.list_proposals(store)
-    this_run = this_run[this_run["proposal_id"].isin(report.inserted)]
-    top_tests = candidates.sort_values("confidence", ascending=False).head(15) if len(candidates) else candidates
+    top_tests = run.top_candidates(15)
     return dg.MaterializeResult(metadata={
-        "domains": dg.MetadataValue.int(len(domains)),
-        "candidate_tests": dg.MetadataValue.int(len(candidates)),
-        "proposals_generated": dg.MetadataValue.int(len(proposals)),
-        "inserted": dg.MetadataValue.int(len(report.inserted)),
-        "duplicates_skipped": dg.MetadataValue.int(len(report.duplicates)),
+        "domains": dg.MetadataValue.int(len(run.domains)),
+        "candidate_tests": dg.MetadataValue.int(len(run.candidates)),
+        "proposals_generated": dg.MetadataValue.int(len(run.proposals)),
+        "inserted": dg.MetadataValue.int(len(run.inserted)),
+        "duplicates_skipped": dg.MetadataValue.int(len(run.duplicates)),
         "auto_apply": dg.MetadataValue.text(
             f"enabled, ≥ {policy.min_confidence}, {list(policy.target_types)}" if policy.enabled else "off"),
-        "auto_applied": dg.MetadataValue.json([r.summary() for r in applied]),
-        "new_proposals": table_preview(_proposals_table(this_run)),
-        "pending_proposals": table_preview(_proposals_table(pending)),
+        "auto_applied": dg.MetadataValue.json([r.summary() for r in run.applied]),
+        "new_proposals": table_preview(_proposals_table(run.new_proposals)),
+        "pending_proposals": table_preview(_proposals_table(run.pending)),
         "candidate_tests_top": table_preview(
             top_tests[["domain", "target_type", "part_key", "p_value", "q_value", "effect_factor", "sample_factor",
                        "confidence"]] if len(top_tests) else top_tests),

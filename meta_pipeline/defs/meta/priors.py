@@ -4,29 +4,34 @@ The math lives in ``meta_pipeline.meta.priors`` (and ``meta.shift``); these asse
 the store, call it, write the table and describe the result.
 """
 
-
-import json
-
 import dagster as dg
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from meta_pipeline.contracts import knob_column
+from meta_pipeline.defs.resources import (
+    StoreParam,
+    domain_partitions,
+    partition_domain,
+    plot_metadata,
+    table_preview,
+)
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS
 from meta_pipeline.meta import priors as priors_core
-from meta_pipeline.meta.shift import SHIFT_FEATURES, pairwise_shift_distances
-from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.meta.reward import telemetry_reward
+from meta_pipeline.meta.shift import SHIFT_FEATURES
 
 GLOBAL_PRIOR_GROUP = "fleet"  # cross-domain, unpartitioned assets live in group "fleet" (defs/jobs.py)
 
 
 def _reward_vs_knobs_figure(telemetry: pd.DataFrame, priors: pd.DataFrame, domain: str) -> Figure:
-    reward = priors_core.telemetry_reward(telemetry)
+    reward = telemetry_reward(telemetry)
     fig = Figure(figsize=(11, 6))
     axes = fig.subplots(2, 3).ravel()
     by_knob = priors.set_index("knob") if len(priors) else pd.DataFrame()
     for ax, name in zip(axes, KNOB_NAMES):
-        col = priors_core.knob_column(telemetry, name)
+        col = knob_column(telemetry, name)
         if col is None:
             ax.set_axis_off()
             continue
@@ -143,69 +148,33 @@ def global_prior(
     requested on the tick after any ``domain_priors`` partition is newly materialized,
     not while one is in progress, at most once per update.
     """
-    by_domain = priors_core.priors_by_domain(store.read("domain_priors"))
-    if not by_domain:
-        raise dg.Failure(
-            description="no domain priors yet: materialize domain_priors for at least one domain with telemetry",
-        )
+    priors_long = store.read("domain_priors")
     telemetry = store.read("telemetry", columns=["domain", *SHIFT_FEATURES])
-    tel_by_domain = {d: g for d, g in telemetry.groupby("domain") if d in by_domain}
-    pairwise = pairwise_shift_distances(
-        tel_by_domain, method=config.shift_method, max_n=config.shift_max_ticks, seed=config.seed
-    )
     cfg = priors_core.GlobalPriorConfig(
         beta=config.beta, reward_coef=config.reward_coef, outlier_z=config.outlier_z,
         eps0=config.eps0, eps_min=config.eps_min, anneal_versions=config.anneal_versions,
     )
+    shift = priors_core.ShiftSettings(config.shift_method, config.shift_max_ticks, config.seed)
     with store.write() as conn:
         # read the previous version inside the write transaction: version = max + 1 atomically
         previous = store.read_global_prior(conn=conn)
-        version = 1 if previous is None else previous.version + 1
-        theta, details = priors_core.aggregate_global_prior(
-            by_domain, pairwise, None if previous is None else previous.continuous, version, cfg
-        )
-        details["shift_method"] = config.shift_method
-        details["shift_pairwise"] = {d: {e: float(v) for e, v in row.items()} for d, row in pairwise.iterrows()}
-        created_at = pd.Timestamp.now(tz="UTC")
-        rows = pd.DataFrame(
-            {
-                "version": version,
-                "created_at": created_at,
-                "knob": list(KNOB_NAMES),
-                "value": [theta[k] for k in KNOB_NAMES],
-                "n_domains": details["n_domains"],
-                "epsilon": details["epsilon"],
-                "details_json": json.dumps(details, sort_keys=True),
-            }
-        )
-        store.append("global_prior", rows, conn=conn)
+        try:
+            built = priors_core.build_global_prior(priors_long, telemetry, previous, cfg, shift)
+        except priors_core.NoDomainPriors as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        store.append("global_prior", built.rows, conn=conn)
 
-    knob_table = pd.DataFrame(
-        {
-            "knob": list(KNOB_NAMES),
-            "value": [theta[k] for k in KNOB_NAMES],
-            "previous": [None if previous is None else previous.values.get(k) for k in KNOB_NAMES],
-            "target_unit": [details["target_unit"][k] for k in KNOB_NAMES],
-            "theta_unit": [details["theta_unit"][k] for k in KNOB_NAMES],
-        }
-    )
-    domain_table = pd.DataFrame(
-        [
-            {"domain": d, "weight": v["weight"], "n_obs": v["n_obs"], "best_reward": v["best_reward"],
-             "shift_distance": v["shift_distance"], "outlier": v["outlier"],
-             "outlier_knobs": ",".join(v["outlier_knobs"])}
-            for d, v in details["domains"].items()
-        ]
-    )
+    details, domain_table = built.details, built.domain_table()
     return dg.MaterializeResult(
         metadata={
-            "version": dg.MetadataValue.int(version),
+            "version": dg.MetadataValue.int(built.version),
             "epsilon": dg.MetadataValue.float(float(details["epsilon"])),
             "n_domains": dg.MetadataValue.int(details["n_domains"]),
             "n_outlier_domains": dg.MetadataValue.int(int(domain_table["outlier"].sum())),
-            "dagster/row_count": dg.MetadataValue.int(len(rows)),
-            "prior": table_preview(knob_table),
+            "dagster/row_count": dg.MetadataValue.int(len(built.rows)),
+            "prior": table_preview(built.knob_table()),
             "domains": table_preview(domain_table, max_rows=50),
-            "weights_and_priors": plot_metadata(_global_prior_figure(details, theta, by_domain), "global prior"),
+            "weights_and_priors": plot_metadata(_global_prior_figure(details, built.theta, built.by_domain),
+                                                "global prior"),
         }
     )
