@@ -277,21 +277,103 @@ learning_regime_weights = Table(
     Column("note", Text),
     Index("ix_regime_weights_domain", "domain"),
 )
+def _override_columns() -> list[Column]:
+    """The columns of an override row (pm_overrides and every version of it in pm_overrides_history)."""
+    return [
+        Column("latent_factor_id", String(100), nullable=False),
+        Column("lesson_key", String(600), nullable=False),
+        Column("pattern", String(200), nullable=False),
+        Column("scope_json", Text, nullable=False),
+        Column("n_scope_keys", Integer, nullable=False),
+        Column("regime", String(100)),  # null = any regime
+        Column("edge", Float, nullable=False),
+        Column("support", Integer, nullable=False),
+        Column("valid_until", DateTime(timezone=True)),
+        Column("source_json", Text),  # the lessons, fits and knobs the row came from
+    ]
+
+
 pm_overrides = Table(
     "pm_overrides",
     metadata,
     D(),
-    Column("latent_factor_id", String(100), nullable=False),
-    Column("lesson_key", String(600), nullable=False),
-    Column("pattern", String(200), nullable=False),
-    Column("scope_json", Text, nullable=False),
-    Column("n_scope_keys", Integer, nullable=False),
-    Column("regime", String(100)),  # null = any regime
-    Column("edge", Float, nullable=False),
-    Column("support", Integer, nullable=False),
-    Column("valid_until", DateTime(timezone=True)),
-    Column("source_json", Text),  # the lessons, fits and knobs the row came from
+    *_override_columns(),
+    Column("version", Integer),  # the domain's overrides version these rows are (pm_overrides_versions)
     Index("ix_pm_overrides_domain", "domain"),
+)
+# Every materialization of pm_overrides is a new version of the domain (1, 2, ...), kept
+# forever: what it learned from (as_of = the newest closed_at of its trades), the knobs and
+# the regime weights it was built with, so any past version re-applies exactly.
+pm_overrides_versions = Table(
+    "pm_overrides_versions",
+    metadata,
+    D(),
+    Column("version", Integer, nullable=False),
+    Column("materialized_at", DateTime(timezone=True), nullable=False),
+    Column("as_of", DateTime(timezone=True), nullable=False),
+    Column("n_overrides", Integer, nullable=False),
+    Column("knobs_json", Text, nullable=False),
+    Column("regime_weights_json", Text, nullable=False),
+    Column("fit_window_start", DateTime(timezone=True)),  # trades before it were left out (a drift break)
+    Column("drift_event_id", Integer),  # the drift event that bounded the window, if any
+    Column("run_id", String(100)),
+    Index("ix_pm_overrides_versions_domain_version", "domain", "version", unique=True),
+)
+pm_overrides_history = Table(
+    "pm_overrides_history",
+    metadata,
+    D(),
+    Column("version", Integer, nullable=False),
+    Column("materialized_at", DateTime(timezone=True), nullable=False),
+    Column("as_of", DateTime(timezone=True), nullable=False),
+    *_override_columns(),
+    Index("ix_pm_overrides_history_domain_version", "domain", "version"),
+)
+feedback_cycles = Table(
+    "feedback_cycles",
+    metadata,
+    D(),
+    Column("cycle", Integer, nullable=False),
+    Column("overrides_version", Integer, nullable=False),
+    Column("first_closed_at", DateTime(timezone=True), nullable=False),
+    Column("last_closed_at", DateTime(timezone=True), nullable=False),
+    Column("first_trade_id", String(200), nullable=False),
+    Column("last_trade_id", String(200), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("complete", Boolean, nullable=False),  # false: the version's last, partial cycle
+    Column("cycle_size", Integer, nullable=False),
+    *[Column(name, Float) for name in ("rank_ic", "ic_t", "mz_intercept", "mz_slope", "mz_slope_ci_low",
+                                        "mz_slope_ci_high", "hit_rate", "mse", "mse_zero", "alignment",
+                                        "residual_mean", "residual_sd", "coherence", "turnover")],
+    Column("drift_alarm", Boolean, nullable=False),
+    Index("ix_feedback_cycles_domain_cycle", "domain", "cycle", unique=True),
+)
+drift_events = Table(
+    "drift_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    D(),
+    Column("detected_at", DateTime(timezone=True), nullable=False),  # wall clock of the detection
+    Column("trade_id", String(200), nullable=False),  # the trade at which the detector alarmed
+    Column("closed_at", DateTime(timezone=True), nullable=False),
+    Column("change_trade_id", String(200)),  # the estimated change point, when the detector gives one
+    Column("change_closed_at", DateTime(timezone=True)),
+    Column("detector", String(50), nullable=False),
+    Column("statistic", Float),
+    Column("overrides_version", Integer, nullable=False),  # the version whose residuals drifted
+    Index("ix_drift_events_domain", "domain"),
+)
+drift_monitor_state = Table(
+    "drift_monitor_state",
+    metadata,
+    D(),
+    Column("state_json", Text, nullable=False),  # the detector's state: a new batch continues the stream
+    Column("n_seen", Integer, nullable=False),
+    Column("last_closed_at", DateTime(timezone=True)),  # the stream position: the last residual consumed
+    Column("last_trade_id", String(200)),
+    Column("stream_digest", String(64)),  # of the consumed prefix's (trade, version) pairs: a rewrite restarts
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_drift_monitor_state_domain", "domain", unique=True),
 )
 domain_priors = Table(
     "domain_priors",
@@ -404,7 +486,8 @@ config_change_log = Table(
     Column("after_json", Text),
 )
 
-APPEND_ONLY_TABLES = frozenset({"meta_decisions", "config_change_log", "global_prior", "quarantine", "ingest_batches"})
+APPEND_ONLY_TABLES = frozenset({"meta_decisions", "config_change_log", "global_prior", "quarantine", "ingest_batches",
+                                "pm_overrides_versions", "pm_overrides_history", "drift_events"})
 
 
 def table(name: str) -> Table:

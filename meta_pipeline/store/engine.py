@@ -25,6 +25,9 @@ def get_engine(url: str) -> Engine:
             engine = _make_engine(url)
             metadata.create_all(engine)
             add_missing_columns(engine)
+            from meta_pipeline.store.upgrade import version_unversioned_overrides  # uses frames, which imports us
+
+            version_unversioned_overrides(engine)
             _ENGINES[url] = engine
         return engine
 

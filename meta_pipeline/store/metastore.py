@@ -18,6 +18,7 @@ assets and gives each run its own read cache.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from sqlalchemy import Column, Engine, MetaData, Table, delete, func, select, te
 from sqlalchemy.engine import Connection
 
 from meta_pipeline.contracts import APPEND_ONLY_TABLES, table, validate_domain
-from meta_pipeline.knobs import KNOB_NAMES, KnobsInEffect, clip_knobs, knobs_in_effect_rule
+from meta_pipeline.knobs import KNOB_NAMES, KnobsInEffect, clip_knobs, knobs_in_effect_rule, parse_knobs
 from meta_pipeline.paths import default_db_url
 from meta_pipeline.store.cache import _MISSING, CACHEABLE_TABLES, ReadCache
 from meta_pipeline.store.engine import _WRITTEN_KEY, _bump, get_engine, mark_written, table_generation
@@ -412,6 +413,52 @@ class MetaStore:
             return insert_frame(conn, tbl, rows)
         with self.write() as c:
             return insert_frame(c, tbl, rows)
+
+    # -- overrides versions (the closed loop) ---------------------------------
+    def write_overrides_version(self, domain: str, overrides: pd.DataFrame, *, as_of: pd.Timestamp,
+                                knobs: Mapping[str, float], regime_weights: pd.DataFrame,
+                                fit_window_start: pd.Timestamp | None = None, drift_event_id: int | None = None,
+                                run_id: str | None = None, now: pd.Timestamp | None = None) -> int:
+        """Replace the domain's pm_overrides with a new version, and keep that version forever.
+
+        One transaction (under the pm_overrides lock): the next version number (max + 1),
+        the pm_overrides partition (rows carry the version), the version's rows appended to
+        pm_overrides_history and its pm_overrides_versions row (as_of, knobs, regime weights).
+        Returns the version.
+        """
+        validate_domain(domain)
+        now = now if now is not None else pd.Timestamp.now(tz="UTC")
+        with self.write() as conn:
+            lock_partition(conn, "pm_overrides", domain)
+            top = conn.execute(text("SELECT MAX(version) FROM pm_overrides_versions WHERE domain = :d"),
+                               {"d": domain}).scalar()
+            version = int(top or 0) + 1
+            rows = overrides.assign(version=version)
+            self._replace(conn, table("pm_overrides"), domain, rows.assign(domain=domain))
+            history = overrides.assign(domain=domain, version=version, materialized_at=now, as_of=as_of)
+            insert_frame(conn, table("pm_overrides_history"), history)
+            weights = regime_weights.drop(columns=["domain"], errors="ignore")
+            insert_frame(conn, table("pm_overrides_versions"), pd.DataFrame([{
+                "domain": domain, "version": version, "materialized_at": now, "as_of": as_of,
+                "n_overrides": len(overrides), "knobs_json": json.dumps(dict(knobs), sort_keys=True),
+                "regime_weights_json": weights.to_json(orient="records", date_format="iso"),
+                "fit_window_start": fit_window_start, "drift_event_id": drift_event_id, "run_id": run_id}]))
+        return version
+
+    def override_versions(self, domain: str) -> pd.DataFrame:
+        """The domain's pm_overrides_versions rows, oldest version first."""
+        return self.read("pm_overrides_versions", domain=domain, order_by="version")
+
+    def override_version_rows(self, domain: str, version: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+        """(override rows, regime weights, knobs) of one stored version: what re-applies it exactly."""
+        meta = self.read("pm_overrides_versions", domain=domain, equals={"version": int(version)})
+        if meta.empty:
+            raise KeyError(f"domain {domain!r} has no overrides version {version}")
+        rows = self.read("pm_overrides_history", domain=domain, equals={"version": int(version)})
+        weights = pd.read_json(io.StringIO(meta["regime_weights_json"].iloc[0]), orient="records")
+        if weights.empty:
+            weights = pd.DataFrame(columns=["regime", "metric", "weight", "center", "scale", "n_trades", "pooled"])
+        return rows, weights, parse_knobs(meta["knobs_json"].iloc[0])
 
     # -- ingest: source rows replaced by key, in one transaction --------------
     def write_trades_batch(self, trades: pd.DataFrame, patterns: pd.DataFrame, scope: pd.DataFrame,
