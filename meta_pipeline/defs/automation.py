@@ -1,6 +1,7 @@
 """Sensors and schedules that keep the fleet's assets current.
 
-* new trades for a domain      -> the learning assets of that partition (learning_job)
+* new trades for a domain      -> the learning assets of that partition, then override_feedback
+* a drift event                -> a re-learn of its domain (drift_sensor, defs/learning/feedback.py)
 * new telemetry for a domain   -> the integrative update of that partition (controller_job)
 * a new global_prior           -> nothing to launch: every controller reads the newest
                                   prior at its next update (pull, so no run storms)
@@ -30,8 +31,8 @@ from meta_pipeline.store import MetaStore
 
 learning_sensor_job = dg.define_asset_job(
     "learning_on_new_trades_job",
-    selection=dg.AssetSelection.groups("learning"),
-    description="Learning assets of one domain, launched when new trades land.",
+    selection=dg.AssetSelection.groups("learning", "feedback"),
+    description="Learning assets of one domain, launched when new trades land, then the new trades scored (feedback).",
 )
 controller_job = dg.define_asset_job(
     "controller_job",

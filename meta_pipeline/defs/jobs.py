@@ -8,7 +8,7 @@ correct as assets are added.
 import dagster as dg
 
 
-PER_DOMAIN_GROUPS = ("ingest", "learning", "meta", "governance")
+PER_DOMAIN_GROUPS = ("ingest", "learning", "feedback", "meta", "governance")
 FLEET_GROUP = "fleet"
 
 domain_refresh_job = dg.define_asset_job(

@@ -83,6 +83,8 @@ class DomainTruth:
     strategy_effects: pd.DataFrame  # strategy_id, regime, effect (centered over the trade mix)
     underperformer: tuple[str, str] | None
     engine: "SimEngine"
+    break_at: pd.Timestamp | None = None  # when the planted break flipped the first signals (None: no break)
+    broken_families: tuple[str, ...] = ()
 
     def family_of_pattern(self) -> dict[str, str]:
         """pattern -> family id; noise patterns map to themselves (each its own group)."""
@@ -142,6 +144,9 @@ class FleetConfig:
     seed: int = 0
     domain_prefix: str = "dom"
     domain_names: tuple[str, ...] | None = None
+    # a planted break: the first `break_families` signals' edges flip sign at this day (None: no break)
+    break_at_days: float | None = None
+    break_families: int = 2
 
 
 @dataclass
@@ -358,13 +363,16 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     signal_part = np.zeros(n)
     chain_names = np.array(CHAINS)[chain_idx]
     size_names = np.where(size_idx >= 0, np.array(SIZES)[np.maximum(size_idx, 0)], "")
-    for sig in signals:
+    for k, sig in enumerate(signals):
         match = family_active[sig.family].copy()
         if "chain" in sig.scope:
             match &= chain_names == sig.scope["chain"]
         if "size" in sig.scope:
             match &= size_names == sig.scope["size"]
-        signal_part += np.where(match, sig.edge_at(t_hours), 0.0)
+        edge = sig.edge_at(t_hours)
+        if cfg.break_at_days is not None and k < cfg.break_families:  # the planted break: the edge flips sign
+            edge = np.where(t_hours > cfg.break_at_days * HOURS_PER_DAY, -edge, edge)
+        signal_part += np.where(match, edge, 0.0)
 
     # regime metric weights
     global_w = rng.normal(0, cfg.metric_weight_sd, len(METRICS))
@@ -432,6 +440,8 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
         strategy_effects=strategy_effects,
         underperformer=cfg.underperform,
         engine=engine,
+        break_at=None if cfg.break_at_days is None else t0 + pd.Timedelta(days=cfg.break_at_days),
+        broken_families=() if cfg.break_at_days is None else tuple(s.family for s in signals[: cfg.break_families]),
     )
     telemetry = simulate_telemetry(
         engine,

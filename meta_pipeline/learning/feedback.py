@@ -76,7 +76,7 @@ def score_trades(trades: pd.DataFrame, versions: pd.DataFrame,
                  predict_version: Callable[[int, pd.DataFrame], pd.Series]) -> pd.DataFrame:
     """Each scorable trade with its version, prediction and residual, in trade order.
 
-    ``trades``: trade_id, closed_at, return_r. ``predict_version(v, trades_of_v)``
+    ``trades``: trade_id, closed_at, return_r (and whatever the predictor reads). ``predict_version(v, trades_of_v)``
     returns the engine rule's edge per trade_id for version v (the caller rebuilds the
     stored model of that version). Output columns: trade_id, closed_at, overrides_version,
     predicted, realized, residual.
@@ -84,7 +84,7 @@ def score_trades(trades: pd.DataFrame, versions: pd.DataFrame,
     cols = ["trade_id", "closed_at", "overrides_version", "predicted", "realized", "residual"]
     if trades.empty:
         return pd.DataFrame(columns=cols)
-    frame = trades[["trade_id", "closed_at", "return_r"]].copy()
+    frame = trades.copy()  # the predictor may need more of the trade (its regime, for the tier-2 term)
     frame["overrides_version"] = assign_versions(frame["closed_at"], versions)
     frame = frame[frame["overrides_version"] >= 0]
     parts = []
@@ -207,3 +207,71 @@ def feedback_cycles(scored: pd.DataFrame, cycle_size: int = CYCLE_SIZE,
     out.insert(0, "cycle", np.arange(1, len(out) + 1))
     out["n"] = out["n"].astype(int)
     return out[FEEDBACK_CYCLE_COLUMNS]
+
+
+# ---------------------------------------------------------------------------
+# Re-learning after a break: the fit window of the lessons a drift break affected
+# ---------------------------------------------------------------------------
+
+BREAK_Z = 3.0  # |z| of a pattern's mean-return change across a break that marks it affected
+BREAK_MIN_TRADES = 10  # trades a pattern needs on each side of a break to be judged
+
+BREAK_WINDOW_COLUMNS = ["pattern", "window_start", "z", "n_pre", "n_post", "drift_event_id"]
+
+
+def break_times(events: pd.DataFrame) -> pd.Series:
+    """The time each drift event dates its break at: the estimated change point, else the alarm's trade."""
+    change = pd.to_datetime(events["change_closed_at"], utc=True) if "change_closed_at" in events else None
+    alarm = pd.to_datetime(events["closed_at"], utc=True)
+    return alarm if change is None else change.fillna(alarm)
+
+
+def break_windows(trades: pd.DataFrame, patterns: pd.DataFrame, events: pd.DataFrame, *,
+                  z_threshold: float = BREAK_Z, min_trades: int = BREAK_MIN_TRADES) -> pd.DataFrame:
+    """Per pattern whose edge broke at a drift event: the start of its fit window.
+
+    For each break b (in time order) at time t_b, with the previous break t_{b−1} (or the
+    start of history) and the next t_{b+1} (or the end): a pattern's trades in
+    (t_{b−1}, t_b] and (t_b, t_{b+1}] give its mean return before and after, and
+    z = (mean_after − mean_before) / √(s²_before/n_before + s²_after/n_after) (Welch).
+    A pattern with |z| ≥ ``z_threshold`` (and ``min_trades`` on each side) is affected:
+    its lessons learn only from trades closed after t_b (its newest such break wins).
+    Other patterns keep their whole history, so one broken signal does not throw away
+    the evidence of every other. Returns BREAK_WINDOW_COLUMNS, one row per affected pattern.
+    """
+    if events is None or events.empty or trades.empty or patterns.empty:
+        return pd.DataFrame(columns=BREAK_WINDOW_COLUMNS)
+    ev = events.assign(_t=break_times(events)).sort_values("_t", kind="stable")
+    rows = patterns[["trade_id", "pattern"]].merge(trades[["trade_id", "closed_at", "return_r"]], on="trade_id")
+    t = pd.to_datetime(rows["closed_at"], utc=True)
+    found: dict[str, dict] = {}
+    times = ev["_t"].tolist() + [None]
+    prev = None
+    for i, (event_id, tb) in enumerate(zip(ev["id"] if "id" in ev else range(len(ev)), ev["_t"])):
+        nxt = times[i + 1]
+        before = (t <= tb) if prev is None else ((t > prev) & (t <= tb))
+        after = (t > tb) if nxt is None else ((t > tb) & (t <= nxt))
+        stats_b = rows.loc[before].groupby("pattern")["return_r"].agg(["count", "mean", "var"])
+        stats_a = rows.loc[after].groupby("pattern")["return_r"].agg(["count", "mean", "var"])
+        both = stats_b.join(stats_a, lsuffix="_b", rsuffix="_a", how="inner")
+        both = both[(both["count_b"] >= min_trades) & (both["count_a"] >= min_trades)]
+        se = np.sqrt(both["var_b"] / both["count_b"] + both["var_a"] / both["count_a"])
+        z = (both["mean_a"] - both["mean_b"]) / se.where(se > 0)
+        for pattern, zv in z[z.abs() >= z_threshold].items():
+            found[str(pattern)] = {"pattern": str(pattern), "window_start": tb, "z": float(zv),
+                                   "n_pre": int(both.at[pattern, "count_b"]), "n_post": int(both.at[pattern, "count_a"]),
+                                   "drift_event_id": int(event_id)}
+        prev = tb
+    return pd.DataFrame(list(found.values()), columns=BREAK_WINDOW_COLUMNS)
+
+
+def apply_break_windows(patterns: pd.DataFrame, trades: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
+    """The pattern rows the learning jobs may use: an affected pattern's rows before its window start are dropped."""
+    if windows is None or windows.empty or patterns.empty:
+        return patterns
+    closed = trades.set_index("trade_id")["closed_at"]
+    t = pd.to_datetime(patterns["trade_id"].map(closed), utc=True)
+    start = patterns["pattern"].map(windows.set_index("pattern")["window_start"])
+    start = pd.to_datetime(start, utc=True)
+    keep = start.isna().to_numpy() | (t > start).fillna(False).to_numpy()
+    return patterns[keep].reset_index(drop=True)

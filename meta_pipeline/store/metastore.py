@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Column, Engine, MetaData, Table, delete, func, select, text
 from sqlalchemy.engine import Connection
@@ -459,6 +460,24 @@ class MetaStore:
         if weights.empty:
             weights = pd.DataFrame(columns=["regime", "metric", "weight", "center", "scale", "n_trades", "pooled"])
         return rows, weights, parse_knobs(meta["knobs_json"].iloc[0])
+
+    def write_feedback(self, domain: str, cycles: pd.DataFrame, events: pd.DataFrame,
+                       monitor_state: pd.DataFrame) -> list[int]:
+        """One transaction: the domain's feedback_cycles replaced, new drift_events appended, the
+        drift monitor's state replaced. Returns the ids of the events appended."""
+        validate_domain(domain)
+        with self.write() as conn:
+            lock_partition(conn, "feedback_cycles", domain)
+            self._replace(conn, table("feedback_cycles"), domain, cycles.assign(domain=domain))
+            self._replace(conn, table("drift_monitor_state"), domain, monitor_state.assign(domain=domain))
+            ids: list[int] = []
+            tbl = table("drift_events")
+            for record in events.assign(domain=domain).to_dict(orient="records"):
+                clean = {k: (None if (isinstance(v, float) and np.isnan(v)) or v is pd.NaT else v)
+                         for k, v in record.items()}
+                ids.append(int(conn.execute(tbl.insert().values(**clean)).inserted_primary_key[0]))
+            mark_written(conn, "drift_events")
+        return ids
 
     # -- ingest: source rows replaced by key, in one transaction --------------
     def write_trades_batch(self, trades: pd.DataFrame, patterns: pd.DataFrame, scope: pd.DataFrame,

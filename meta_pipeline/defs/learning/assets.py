@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from meta_pipeline.knobs import KnobsInEffect
 from meta_pipeline.learning import factors as factors_core
+from meta_pipeline.learning import feedback as feedback_core
 from meta_pipeline.learning import halflife as halflife_core
 from meta_pipeline.learning import lessons as lessons_core
 from meta_pipeline.learning import overrides as overrides_core
@@ -46,11 +47,76 @@ TRADE_COLUMNS = ["trade_id", "closed_at", "regime", "return_r"]
 # ---------------------------------------------------------------------------
 
 
-def _read_trades(store: StoreParam, domain: str) -> pd.DataFrame:
+AS_OF_TAG = "meta_pipeline/as_of"  # a run tag: learn only from trades closed at or before it (replay)
+
+
+class _Window(NamedTuple):
+    """What a learning run may learn from: trades up to ``as_of`` (None = all), patterns within their break windows."""
+
+    as_of: pd.Timestamp | None
+    breaks: pd.DataFrame  # feedback.break_windows: per affected pattern, where its fit window starts
+
+    @property
+    def key(self) -> tuple:
+        digest = hashlib.sha1(self.breaks.to_json(date_format="iso").encode()).hexdigest() if len(self.breaks) else ""
+        return (None if self.as_of is None else self.as_of.isoformat(), digest)
+
+
+def _run_as_of(context: dg.AssetExecutionContext) -> pd.Timestamp | None:
+    """The run's as_of tag (replay), or None: learn from every trade."""
+    try:
+        raw = context.run.tags.get(AS_OF_TAG)
+    except dg.DagsterError:  # invoked directly (the bench): no run, no tag
+        return None
+    if not raw:
+        return None
+    try:
+        stamp = pd.Timestamp(raw)
+    except ValueError as exc:
+        raise dg.Failure(f"run tag {AS_OF_TAG}={raw!r} is not an ISO-8601 time") from exc
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _window(store: StoreParam, domain: str, as_of: pd.Timestamp | None) -> _Window:
+    """The run's learning window, computed once per run: the as_of cutoff and the drift breaks it honours.
+
+    Every learning asset reads ``drift_events`` through this, so any re-materialization
+    (the drift sensor's, a schedule's, a click) favours post-break evidence for the
+    patterns a break affected (feedback.break_windows).
+    """
+    def compute() -> _Window:
+        events = store.read("drift_events", domain=domain, order_by="id")
+        if as_of is not None and len(events):
+            events = events[feedback_core.break_times(events) <= as_of]
+        if events.empty:
+            return _Window(as_of, pd.DataFrame(columns=feedback_core.BREAK_WINDOW_COLUMNS))
+        trades = _all_trades(store, domain, as_of)
+        (patterns,) = _all_source(store, domain, as_of, trades, "trade_patterns")
+        return _Window(as_of, feedback_core.break_windows(trades, patterns, events))
+
+    return store.run_memo(("learning_window", domain, store.source_version(domain),
+                           None if as_of is None else as_of.isoformat()), compute)
+
+
+def _all_trades(store: StoreParam, domain: str, as_of: pd.Timestamp | None) -> pd.DataFrame:
     # a fixed order: trade positions are the incidence's trade_idx, runs must agree
-    return store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"]).reset_index(
-        drop=True
-    )
+    trades = store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"])
+    if as_of is not None:
+        trades = trades[trades["closed_at"] <= as_of]
+    return trades.reset_index(drop=True)
+
+
+def _all_source(store: StoreParam, domain: str, as_of: pd.Timestamp | None, trades: pd.DataFrame,
+                *tables: str) -> list[pd.DataFrame]:
+    frames = [store.read(t, domain=domain, columns=SOURCE_COLUMNS[t]) for t in tables]
+    if as_of is None:
+        return frames
+    ids = set(trades["trade_id"])
+    return [f[f["trade_id"].isin(ids)].reset_index(drop=True) for f in frames]
+
+
+def _read_trades(store: StoreParam, domain: str, window: _Window) -> pd.DataFrame:
+    return _all_trades(store, domain, window.as_of)
 
 
 SOURCE_COLUMNS = {
@@ -60,8 +126,14 @@ SOURCE_COLUMNS = {
 }
 
 
-def _read_source(store: StoreParam, domain: str, *tables: str) -> list[pd.DataFrame]:
-    return [store.read(t, domain=domain, columns=SOURCE_COLUMNS[t]) for t in tables]
+def _read_source(store: StoreParam, domain: str, window: _Window, *tables: str) -> list[pd.DataFrame]:
+    """Source rows of the window's trades; pattern rows outside their pattern's break window left out."""
+    if window.as_of is None and window.breaks.empty:
+        return [store.read(t, domain=domain, columns=SOURCE_COLUMNS[t]) for t in tables]
+    trades = _read_trades(store, domain, window)
+    frames = _all_source(store, domain, window.as_of, trades, *tables)
+    return [feedback_core.apply_break_windows(f, trades, window.breaks) if t == "trade_patterns" else f
+            for t, f in zip(tables, frames)]
 
 
 def _prefetch_source(store: StoreParam, domain: str, *tables: str) -> None:
@@ -98,11 +170,11 @@ class _LessonInputs(NamedTuple):
     incidence: pd.DataFrame
 
 
-def _read_lesson_inputs(store: StoreParam, domain: str) -> _LessonInputs:
-    source_rows = store.source_version(domain)  # before the reads it describes
+def _read_lesson_inputs(store: StoreParam, domain: str, window: _Window) -> _LessonInputs:
+    source_rows = (store.source_version(domain), *window.key)  # before the reads it describes
     stored_lessons = store.read("learning_lessons", domain=domain)
-    trades = _read_trades(store, domain)
-    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    trades = _read_trades(store, domain, window)
+    patterns, scope = _read_source(store, domain, window, "trade_patterns", "trade_scope")
     incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
     return _LessonInputs(stored_lessons, trades, patterns, scope, incidence)
 
@@ -141,10 +213,11 @@ LESSON_TABLE_COLUMNS = [c for c in lessons_core.LESSON_COLUMNS]
 def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     knobs = store.knobs_in_effect(domain)  # read once per run: pm_overrides of this run sees the same
-    source_rows = store.source_version(domain)  # before the reads it describes
+    window = _window(store, domain, _run_as_of(context))
+    source_rows = (store.source_version(domain), *window.key)  # before the reads it describes
     _prefetch_source(store, domain, "trade_scope")  # two readers overlap a little (SQLite's C work frees the GIL)
-    trades = _read_trades(store, domain)
-    patterns, scope = _read_source(store, domain, "trade_patterns", "trade_scope")
+    trades = _read_trades(store, domain, window)
+    patterns, scope = _read_source(store, domain, window, "trade_patterns", "trade_scope")
     _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input, during the mining
     mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs.values["lambda_ci"]))
     store.remember(_incidence_key(store, domain, mined, source_rows), incidence)  # the stored lessons, in this order
@@ -187,7 +260,7 @@ def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.Material
 )
 def edge_history(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    given = _read_lesson_inputs(store, domain)
+    given = _read_lesson_inputs(store, domain, _window(store, domain, _run_as_of(context)))
     history = lessons_core.compute_edge_history(given.lessons, given.trades, given.patterns, given.scope,
                                                 lesson_trades=given.incidence)
     written = store.replace_partition("learning_edge_history", domain, _stored(history, lessons_core.EDGE_HISTORY_COLUMNS))
@@ -299,7 +372,7 @@ def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figur
 )
 def latent_factors(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    given = _read_lesson_inputs(store, domain)
+    given = _read_lesson_inputs(store, domain, _window(store, domain, _run_as_of(context)))
     factors = factors_core.compute_latent_factors(given.lessons, given.trades, given.patterns, given.scope,
                                                   lesson_trades=given.incidence)
     with store.write() as conn:  # both or neither: the table and the column of learning_lessons it owns
@@ -355,8 +428,9 @@ def _weights_figure(weights: pd.DataFrame, domain: str) -> Figure:
 )
 def regime_weights(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    trades = _read_trades(store, domain)
-    (metrics,) = _read_source(store, domain, "trade_metrics")
+    window = _window(store, domain, _run_as_of(context))
+    trades = _read_trades(store, domain, window)
+    (metrics,) = _read_source(store, domain, window, "trade_metrics")
     _prefetch_source(store, domain, "trade_patterns", "trade_scope")  # the other assets' input (if not read yet)
     weights = regime_core.fit_regime_weights(trades, metrics)
     written = store.replace_partition("learning_regime_weights", domain, weights)
@@ -410,20 +484,28 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
 def pm_overrides(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     knobs = store.knobs_in_effect(domain)
-    given = _read_lesson_inputs(store, domain)
+    window = _window(store, domain, _run_as_of(context))
+    given = _read_lesson_inputs(store, domain, window)
     fits = store.read("half_life_fits", domain=domain)
     factors = store.read("latent_factors", domain=domain)
     weights = store.read("learning_regime_weights", domain=domain)
-    (metrics,) = _read_source(store, domain, "trade_metrics")
+    (metrics,) = _read_source(store, domain, window, "trade_metrics")
     trades = given.trades
-    now = trades["closed_at"].max() if len(trades) else pd.Timestamp.now(tz="UTC")
+    now = overrides_core.OverrideModel.now_of(trades)
     overrides = overrides_core.materialize_overrides(
         given.lessons, fits, factors, weights, trades, given.patterns, given.scope, metrics, knobs=knobs.values, now=now,
         lesson_trades=given.incidence,
     )
-    written = store.replace_partition("pm_overrides", domain, overrides)
+    breaks = window.breaks
+    version = store.write_overrides_version(
+        domain, overrides, as_of=now, knobs=knobs.values, regime_weights=weights,
+        fit_window_start=breaks["window_start"].max() if len(breaks) else None,
+        drift_event_id=int(breaks["drift_event_id"].max()) if len(breaks) else None, run_id=context.run_id)
     metadata = {
-        "dagster/row_count": dg.MetadataValue.int(written),
+        "dagster/row_count": dg.MetadataValue.int(len(overrides)),
+        "version": dg.MetadataValue.int(version),
+        "as_of": dg.MetadataValue.text(str(now)),
+        "break_windows": table_preview(breaks) if len(breaks) else dg.MetadataValue.text("none: no drift break affects a pattern"),
         "factors_with_overrides": dg.MetadataValue.int(int(overrides["latent_factor_id"].nunique()) if len(overrides) else 0),
         "lessons_considered": dg.MetadataValue.int(len(given.lessons)),
         "regime_specific_rows": dg.MetadataValue.int(int(overrides["regime"].notna().sum()) if len(overrides) else 0),
