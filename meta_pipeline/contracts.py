@@ -8,6 +8,7 @@ quarantine frame, so the CLI and the inbox sensor share one path.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -179,7 +180,7 @@ quarantine = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("domain", String(300)),  # raw, may be the invalid name that caused the row
-    Column("kind", String(20), nullable=False),  # trades | telemetry
+    Column("kind", String(20), nullable=False),  # trades | telemetry | feedback (domain = the task)
     Column("source_file", Text, nullable=False),
     Column("line", Integer, nullable=False),  # 1-based line in the file; 0 = whole file
     Column("reason", Text, nullable=False),
@@ -196,7 +197,7 @@ ingest_batches = Table(
     # triggers exactly one run even across restarts or a store that was reset.
     Column("id", Integer, primary_key=True, autoincrement=True),
     D(),
-    Column("kind", String(20), nullable=False),  # trades | telemetry
+    Column("kind", String(20), nullable=False),  # trades | telemetry | feedback (domain = the task)
     Column("source", Text, nullable=False),
     Column("rows_ingested", Integer, nullable=False),
     Column("rows_quarantined", Integer, nullable=False),
@@ -518,7 +519,9 @@ def parse_lesson_key(key: str) -> tuple[str, dict[str, str]]:
 # ---------------------------------------------------------------------------
 
 TRADE_REQUIRED = ("trade_id", "closed_at", "regime", "return_r", "patterns")
-KINDS = ("trades", "telemetry")
+DOMAIN_KINDS = ("trades", "telemetry")  # per domain: the inbox's folders, the domain source assets
+TASK_KINDS = ("feedback",)  # per task (see "Generic feedback" below)
+KINDS = (*DOMAIN_KINDS, *TASK_KINDS)  # every ingest kind: quarantine.kind and ingest_batches.kind
 
 
 @dataclass
@@ -1044,3 +1047,241 @@ def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, sou
         [json_bad, _quarantine_frame("telemetry", domain, source, lines, reasons, raw, bad)], ignore_index=True
     )
     return TelemetryBatch(frame, quarantine_rows, n_rows=n + len(json_bad), ignored_columns=ignored)
+
+
+# ---------------------------------------------------------------------------
+# Generic feedback (tasks): any model whose outputs someone rates
+# ---------------------------------------------------------------------------
+#
+# A *task* is any model whose outputs someone rates (an LLM prompt, a classifier, a
+# ranker...). Tasks are the second partition set of the project (Dagster partitions
+# `task`, shared with prompt evolution); their names follow the domain rule. One rating
+# is one row of `feedback`: when (ts), what went in (input), what came out (output) and
+# how good it was (score in [0, 1]).
+
+TASK_RE = DOMAIN_RE  # same rule as domains: a task name reaches SQL, paths and partition keys too
+FEEDBACK_REQUIRED = ("ts", "input", "output", "score")
+FEEDBACK_STORE_COLUMNS = ("task", "feedback_id", "ts", "input", "output", "score", "model_version",
+                          "metadata_json", "source_file")
+MODEL_VERSION_MAX = 200
+
+
+def validate_task(name: object) -> str:
+    """Return the task name unchanged, or raise ContractError naming it (the domain rule, ``TASK_RE``)."""
+    if not isinstance(name, str) or not TASK_RE.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 70 else repr(name[:67] + "...")
+        raise ContractError(
+            f"invalid task name {shown}: must match {TASK_RE.pattern} "
+            "(lowercase letters, digits, '_' and '-', 1-63 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+T = lambda: Column("task", String(63), nullable=False)  # noqa: E731 - one column factory
+
+feedback = Table(
+    "feedback",
+    metadata,
+    T(),
+    # The natural key is (task, ts, input): re-ingesting the same rating time for the same
+    # input replaces the row. Inputs are unbounded text, so the key is stored as
+    # feedback_id = sha256 hex of "<ts as UTC ISO-8601 with microseconds>\n<input>"
+    # (``feedback_ids``): fixed width, indexable on every database.
+    Column("feedback_id", String(64), nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("input", Text, nullable=False),
+    Column("output", Text, nullable=False),
+    Column("score", Float, nullable=False),  # in [0, 1]
+    Column("model_version", String(MODEL_VERSION_MAX)),  # null: not given
+    Column("metadata_json", Text),  # the row's metadata.* as a JSON object; null: none
+    Column("source_file", Text),
+    Column("ingested_at", DateTime(timezone=True)),
+    Index("ix_feedback_task_id", "task", "feedback_id", unique=True),
+    Index("ix_feedback_task_ts", "task", "ts"),
+)
+feedback_cycles_generic = Table(
+    "feedback_cycles_generic",
+    metadata,
+    T(),
+    # one row per cycle of `cycle_size` consecutive ratings of one model version
+    # (meta_pipeline.learning.feedback_generic explains every figure)
+    Column("cycle", Integer, nullable=False),
+    Column("model_version", String(MODEL_VERSION_MAX)),
+    Column("first_ts", DateTime(timezone=True), nullable=False),
+    Column("last_ts", DateTime(timezone=True), nullable=False),
+    Column("n", Integer, nullable=False),
+    Column("complete", Boolean, nullable=False),  # n == cycle_size (else the version's last, partial cycle)
+    Column("cycle_size", Integer, nullable=False),
+    Column("mean_score", Float, nullable=False),
+    Column("score_sd", Float),
+    Column("score_ci_low", Float),
+    Column("score_ci_high", Float),
+    Column("alignment_threshold", Float, nullable=False),
+    Column("below_threshold", Boolean, nullable=False),
+    Column("reference_cycle", Integer),  # the cycle drift is measured against (null: none yet)
+    Column("score_shift", Float),  # mean score − the reference cycle's
+    Column("score_drift", Float),  # standardized mean difference vs the reference cycle
+    Column("score_drift_p", Float),  # two-sided Welch t-test p-value
+    Column("score_p_threshold", Float, nullable=False),
+    Column("output_basis", String(10), nullable=False),  # label | token
+    Column("output_drift", Float),  # Jensen–Shannon divergence (bits) of outputs vs the reference cycle
+    Column("output_tv", Float),  # total variation distance of the same two distributions
+    Column("drift_threshold", Float, nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("coherence", Float),  # agreement of outputs over pairs of near-identical inputs (null: no pair)
+    Column("coherence_pairs", Integer, nullable=False),
+    Column("breaks", Text),  # why the cycle broke a threshold, readable; null: it did not
+    Column("retrain_due", Boolean, nullable=False),  # complete and (below_threshold or drifted)
+    # written by the retrain sensor once its request is durable; the asset carries them over
+    Column("retrain_requested", Boolean, nullable=False),
+    Column("retrain_requested_at", DateTime(timezone=True)),
+    Column("retrain_run_key", String(300)),
+    Column("computed_at", DateTime(timezone=True), nullable=False),
+    Index("ix_feedback_cycles_generic_task_cycle", "task", "cycle", unique=True),
+)
+
+
+@dataclass
+class FeedbackBatch:
+    """Validated feedback of one file, in the shape of the ``feedback`` table (FEEDBACK_STORE_COLUMNS)."""
+
+    feedback: pd.DataFrame
+    quarantine: pd.DataFrame
+    n_rows: int = 0
+
+
+def feedback_ids(ts: pd.Series, inputs: pd.Series) -> np.ndarray:
+    """The stored key of (ts, input): sha256 hex of "<ts UTC, ISO-8601 with microseconds>\\n<input>".
+
+    Microseconds because that is what SQL keeps of a timestamp; the task is a column of
+    its own, so the same (ts, input) in two tasks are two rows.
+    """
+    stamps = pd.to_datetime(ts, utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return np.array([hashlib.sha256(f"{s}\n{i}".encode("utf-8")).hexdigest()
+                     for s, i in zip(stamps.tolist(), inputs.tolist())], dtype=object)
+
+
+def _feedback_text(series: pd.Series) -> pd.Series:
+    """A text column of a feedback file, stripped; JSON objects/arrays as canonical JSON, missing -> ""."""
+    if series.dtype == object:
+        def one(v: object) -> str:
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return ""
+            if isinstance(v, str):
+                return v
+            if isinstance(v, (dict, list, tuple)):
+                return json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)
+            if isinstance(v, np.ndarray):
+                return json.dumps(v.tolist(), sort_keys=True, ensure_ascii=False, default=str)
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            return str(v)
+
+        values = series.map(one)
+    else:
+        values = series.astype("string").fillna("")
+    return values.astype(str).str.strip().astype(object)
+
+
+def _metadata_objects(raw: pd.DataFrame, reasons: pd.Series) -> list[str | None]:
+    """Per row, ``metadata.<key>`` columns (CSV) and/or a JSON object ``metadata`` as one JSON text (None: empty).
+
+    An empty ``metadata.<key>`` cell means "no such key"; a ``metadata`` value that is not
+    an object is a bad row.
+    """
+    cols = [c for c in raw.columns if c.startswith("metadata.") and len(c) > len("metadata.")]
+    whole = raw["metadata"] if "metadata" in raw.columns else None
+    if not cols and whole is None:
+        return [None] * len(raw)
+    out: list[str | None] = []
+    not_object = np.zeros(len(raw), dtype=bool)
+    col_values = {c[len("metadata."):]: raw[c].tolist() for c in cols}
+    whole_values = whole.tolist() if whole is not None else [None] * len(raw)
+    for i in range(len(raw)):
+        meta: dict = {}
+        w = whole_values[i]
+        if isinstance(w, dict):
+            meta.update(w)
+        elif not (w is None or (isinstance(w, float) and math.isnan(w)) or (isinstance(w, str) and not w.strip())):
+            not_object[i] = True
+        for key, values in col_values.items():
+            v = values[i]
+            if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+                continue
+            meta[key] = v.strip() if isinstance(v, str) else v
+        out.append(json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str) if meta else None)
+    _add_reason(reasons, not_object, "metadata is not a JSON object")
+    return out
+
+
+def validate_feedback(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source: str) -> FeedbackBatch:
+    """Validate a raw feedback frame against the contract (quarantine rules as trades).
+
+    Columns: ``ts`` (ISO-8601, no offset = UTC), ``input``, ``output`` (text; JSON values
+    that are objects or arrays are kept as canonical JSON text; surrounding whitespace is
+    stripped), ``score`` (a finite number in [0, 1]), optional ``model_version`` (text,
+    ≤ 200 characters; empty = not given) and ``metadata.<key>`` columns (CSV) / a
+    ``metadata`` object (JSON Lines), stored together as ``metadata_json``. Other columns
+    are ignored. Row reasons: unparsable ts, empty input, empty output, score not a finite
+    number, score outside [0, 1], model_version too long, a NUL character in input or
+    output (SQL text cannot hold it), metadata that is not an object, and the same
+    (ts, input) repeated later in the file (the later row is kept, like a re-ingest). A
+    missing required column raises ContractError. The quarantine rows have kind
+    ``feedback`` and the task in their ``domain`` column.
+    """
+    validate_task(task)
+    json_bad = _json_error_rows(raw, "feedback", task, source)
+    cols = list(FEEDBACK_STORE_COLUMNS)
+    if raw.empty and not json_bad.empty:
+        return FeedbackBatch(pd.DataFrame(columns=cols), json_bad, n_rows=len(json_bad))
+    _require_columns(raw, FEEDBACK_REQUIRED, source)
+    n = len(raw)
+    reasons = pd.Series([""] * n, index=raw.index, dtype=object)
+
+    ts = _telemetry_ts(raw["ts"])
+    _add_reason(reasons, ts.isna().to_numpy(), "unparsable ts")
+    inputs = _feedback_text(raw["input"])
+    outputs = _feedback_text(raw["output"])
+    _add_reason(reasons, (inputs == "").to_numpy(), "empty input")
+    _add_reason(reasons, (outputs == "").to_numpy(), "empty output")
+    _add_reason(reasons, inputs.str.contains("\x00", regex=False).to_numpy(dtype=bool), "input contains a NUL character")
+    _add_reason(reasons, outputs.str.contains("\x00", regex=False).to_numpy(dtype=bool),
+                "output contains a NUL character")
+    score = _telemetry_float(raw["score"])
+    finite = np.isfinite(score)
+    _add_reason(reasons, ~finite, "score is not a finite number")
+    with np.errstate(invalid="ignore"):
+        _add_reason(reasons, finite & ((score < 0.0) | (score > 1.0)), "score outside [0, 1]")
+    if "model_version" in raw.columns:
+        version = _feedback_text(raw["model_version"])
+        _add_reason(reasons, (version.str.len() > MODEL_VERSION_MAX).to_numpy(),
+                    f"model_version longer than {MODEL_VERSION_MAX} characters")
+        version = version.where(version != "", None)
+    else:
+        version = pd.Series([None] * n, index=raw.index, dtype=object)
+    meta = _metadata_objects(raw, reasons)
+
+    # the same (ts, input) twice in one file: the last one wins, like a re-ingest
+    keys = ts.astype(str) + "\n" + inputs
+    dup = keys.duplicated(keep="last").to_numpy() & ts.notna().to_numpy()
+    _add_reason(reasons, dup, "(ts, input) repeated later in the same file (later row kept)")
+
+    bad = (reasons != "").to_numpy()
+    good = ~bad
+    quarantine_rows = pd.concat(
+        [json_bad, _quarantine_frame("feedback", task, source, lines, reasons, raw, bad)], ignore_index=True
+    )
+    good_ts = ts[good].reset_index(drop=True)
+    good_inputs = inputs[good].reset_index(drop=True)
+    frame = pd.DataFrame({
+        "task": _constant_text(task, int(good.sum())),
+        "feedback_id": _text_column(feedback_ids(good_ts, good_inputs)) if good.any() else pd.Series([], dtype=object),
+        "ts": good_ts,
+        "input": good_inputs,
+        "output": outputs[good].reset_index(drop=True),
+        "score": score[good],
+        "model_version": version[good].reset_index(drop=True),
+        "metadata_json": pd.Series(np.array(meta, dtype=object)[good], dtype=object),
+        "source_file": _constant_text(source, int(good.sum())),
+    })
+    return FeedbackBatch(frame[cols], quarantine_rows, n_rows=n + len(json_bad))

@@ -1,7 +1,7 @@
 """Ingest: validated files into the source tables, bad rows into quarantine.
 
 One path for the CLI (`meta-pipeline ingest`), the inbox sensor's runs and the demo.
-Re-ingesting a trade id (or a telemetry tick) replaces it, in the same transaction as
+Re-ingesting a trade id (or a telemetry tick, or a task's rating: same ts and input) replaces it, in the same transaction as
 the insert, so a crash leaves the previous rows and nothing is ever duplicated.
 """
 
@@ -15,10 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from meta_pipeline.contracts import (
+    DOMAIN_KINDS,
     KINDS,
+    TASK_KINDS,
     ContractError,
     read_input_file,
     validate_domain,
+    validate_feedback,
+    validate_task,
     validate_telemetry,
     validate_trades,
 )
@@ -26,7 +30,7 @@ from meta_pipeline.store import MetaStore
 
 @dataclass
 class IngestReport:
-    domain: str
+    domain: str  # the domain, or for a task kind (feedback) the task
     kind: str
     source_file: str
     rows_read: int = 0
@@ -43,7 +47,7 @@ class IngestReport:
 
     def summary(self) -> str:
         text = (
-            f"{self.kind} {self.source_file} -> domain {self.domain}: read {self.rows_read}, "
+            f"{self.kind} {self.source_file} -> {self.partition_kind} {self.domain}: read {self.rows_read}, "
             f"ingested {self.ingested} ({self.replaced} replaced existing), quarantined {self.quarantined}"
         )
         if self.reasons:
@@ -51,6 +55,11 @@ class IngestReport:
         if self.ignored_columns:
             text += "\n  ignored columns: " + ", ".join(self.ignored_columns)
         return text
+
+    @property
+    def partition_kind(self) -> str:
+        """What ``domain`` names: "domain", or "task" for the task kinds (feedback)."""
+        return "task" if self.kind in TASK_KINDS else "domain"
 
     def as_metadata(self) -> dict[str, int | str]:
         return {
@@ -95,17 +104,37 @@ def ingest_telemetry_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarra
     return report
 
 
+def ingest_feedback_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, task: str,
+                          source: str) -> IngestReport:
+    """Validate a raw feedback frame and land it (``MetaStore.write_feedback_batch``: one transaction)."""
+    batch = validate_feedback(raw, lines, task=task, source=source)
+    report = IngestReport(task, "feedback", source, rows_read=batch.n_rows)
+    report.ingested, report.replaced, report.quarantined = store.write_feedback_batch(
+        batch.feedback, batch.quarantine, task=task, source=source, now=pd.Timestamp.now(tz="UTC"))
+    report.reasons = _reason_counts(batch.quarantine)
+    return report
+
+
 def ingest_file(store: MetaStore, kind: str, path: str | Path, domain: str) -> IngestReport:
-    """Validate and load one file. Raises ContractError if the file is rejected whole."""
-    validate_domain(domain)
+    """Validate and load one file. Raises ContractError if the file is rejected whole.
+
+    ``domain`` is the partition the file lands in: a domain for trades and telemetry, a
+    task for feedback (``TASK_KINDS``; validated by the same rule, named as a task).
+    """
     if kind not in KINDS:
         raise ContractError(f"unknown kind {kind!r}: use one of {', '.join(KINDS)}")
+    if kind in TASK_KINDS:
+        validate_task(domain)
+    else:
+        validate_domain(domain)
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: no such file")
     raw, lines = read_input_file(path)
     if kind == "trades":
         return ingest_trades_frame(store, raw, lines, domain=domain, source=str(path))
+    if kind == "feedback":
+        return ingest_feedback_frame(store, raw, lines, task=domain, source=str(path))
     return ingest_telemetry_frame(store, raw, lines, domain=domain, source=str(path))
 
 
@@ -148,7 +177,7 @@ def scan_inbox(inbox: Path) -> list[InboxFile]:
     if not inbox.is_dir():
         return found
     for domain_dir in sorted(p for p in inbox.iterdir() if p.is_dir()):
-        for kind in KINDS:
+        for kind in DOMAIN_KINDS:  # feedback is per task and comes through the CLI, not the domain inbox
             kind_dir = domain_dir / kind
             if not kind_dir.is_dir():
                 continue

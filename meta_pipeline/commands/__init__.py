@@ -7,6 +7,7 @@ they parse, call a core function, print.
 COMMAND_MODULES = (
     "meta_pipeline.commands.data",  # synth, ingest, demo, backfill, materialize
     "meta_pipeline.commands.predict",
+    "meta_pipeline.commands.replay",
     "meta_pipeline.commands.simulate",
     "meta_pipeline.commands.evaluate",
     "meta_pipeline.commands.proposals",

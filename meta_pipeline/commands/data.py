@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from meta_pipeline.contracts import ContractError, validate_domain
+from meta_pipeline.contracts import KINDS, TASK_KINDS, ContractError, validate_domain, validate_task
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.paths import data_dir, dagster_home, default_db_url
 from meta_pipeline.store import MetaStore
@@ -32,7 +32,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_fleet_files
 
     cfg = FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed,
-                      outlier_domain=args.outlier, domain_prefix=args.prefix)
+                      outlier_domain=args.outlier, domain_prefix=args.prefix, break_at_days=args.break_at_days)
     fleet = generate_fleet(cfg)
     out = Path(args.out)
     if args.inbox:
@@ -74,25 +74,43 @@ def _load_fleet(store: MetaStore, fleet, folder: Path, fmt: str, register: bool)
 # ---------------------------------------------------------------------------
 
 
+def _ingest_target(args: argparse.Namespace) -> str:
+    """The partition a file lands in: --domain for trades/telemetry, --task for feedback (ContractError if wrong)."""
+    if args.kind in TASK_KINDS:
+        if args.domain is not None:
+            raise ContractError(f"--domain does not apply to {args.kind}: name the model with --task NAME")
+        if args.task is None:
+            raise ContractError(f"ingest {args.kind} needs --task NAME (the model whose outputs were rated)")
+        return validate_task(args.task)
+    if args.task is not None:
+        raise ContractError(f"--task applies to feedback only: {args.kind} takes --domain NAME")
+    if args.domain is None:
+        raise ContractError(f"ingest {args.kind} needs --domain NAME")
+    return validate_domain(args.domain)
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     try:
-        domain = validate_domain(args.domain)
+        target = _ingest_target(args)
     except ContractError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     store = _store(args)
     try:
-        report = ingest_file(store, args.kind, args.file, domain)
+        report = ingest_file(store, args.kind, args.file, target)
     except ContractError as exc:
         print(f"error: rejected {args.file}: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
     if not args.no_dagster:
-        from meta_pipeline.commands.orchestration import get_instance, register_domains, report_ingest
+        from meta_pipeline.commands.orchestration import get_instance, register_domains, register_tasks, report_ingest
 
         instance = get_instance()
-        if register_domains(instance, [domain]):
-            print(f"registered new domain partition {domain!r} in Dagster ({dagster_home()})")
+        if args.kind in TASK_KINDS:
+            if register_tasks(instance, [target]):
+                print(f"registered new task partition {target!r} in Dagster ({dagster_home()})")
+        elif register_domains(instance, [target]):
+            print(f"registered new domain partition {target!r} in Dagster ({dagster_home()})")
         report_ingest(instance, report)
     if not report.ok:
         print("error: nothing could be ingested from this file (see quarantine reasons above)", file=sys.stderr)
@@ -198,15 +216,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="dom")
     p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
     p.add_argument("--outlier", action="store_true", help="plant one domain whose knob optimum is far from the rest")
+    p.add_argument("--break-at-days", type=float, default=None,
+                   help="plant a break: two signals' edges flip sign this many days into the history")
     p.add_argument("--inbox", action="store_true", help="write in the inbox layout <out>/<domain>/<kind>/")
     p.add_argument("--load", action="store_true", help="also ingest into the store and register partitions")
     _add_db(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="ingest a trades or telemetry file (CSV, JSON Lines, Parquet)")
-    p.add_argument("kind", choices=["trades", "telemetry"])
+    p = sub.add_parser("ingest", help="ingest a trades, telemetry (per domain) or feedback (per task) file "
+                                      "(CSV, JSON Lines, Parquet)")
+    p.add_argument("kind", choices=list(KINDS))
     p.add_argument("file")
-    p.add_argument("--domain", required=True)
+    p.add_argument("--domain", default=None, help="the domain (trades, telemetry)")
+    p.add_argument("--task", default=None,
+                   help="the task (feedback): any model whose outputs are rated; columns ts, input, output, score")
     p.add_argument("--no-dagster", action="store_true", help="do not register the partition / record the event")
     _add_db(p)
     p.set_defaults(func=cmd_ingest)

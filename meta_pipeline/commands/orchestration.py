@@ -1,4 +1,4 @@
-"""The CLI's bridge to Dagster: the instance, domain partitions, and running jobs in process.
+"""The CLI's bridge to Dagster: the instance, domain and task partitions, and running jobs in process.
 
 The CLI and `dagster dev` share one DAGSTER_HOME (see paths.dagster_home), so a domain
 registered here shows up in the UI and in `dagster asset materialize --partition`.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from meta_pipeline.contracts import validate_domain
+from meta_pipeline.contracts import validate_domain, validate_task
 from meta_pipeline.ingest import IngestReport
 from meta_pipeline.paths import ensure_dagster_home
-from meta_pipeline.defs.resources import STORE_KEY, StoreResource, domain_partitions
+from meta_pipeline.defs.resources import STORE_KEY, StoreResource, domain_partitions, task_partitions
 from meta_pipeline.store import MetaStore
 
 DOMAIN_JOB = "domain_refresh_job"
@@ -83,3 +83,14 @@ def run_fleet_job(instance: dg.DagsterInstance, store: MetaStore | None = None) 
     return defs.resolve_job_def(FLEET_JOB).execute_in_process(
         instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG
     )
+
+
+def register_tasks(instance: dg.DagsterInstance, tasks: list[str]) -> list[str]:
+    """Add task partitions (generic feedback, prompt evolution) that do not exist yet; returns the new ones."""
+    for t in tasks:
+        validate_task(t)
+    known = set(instance.get_dynamic_partitions(task_partitions.name))
+    new = sorted(set(tasks) - known)
+    if new:
+        instance.add_dynamic_partitions(task_partitions.name, new)
+    return new

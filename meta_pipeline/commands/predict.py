@@ -16,11 +16,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         domain = validate_domain(args.domain)
-        result = predict_file(MetaStore(db_url=args.db_url or default_db_url()), domain, args.file)
+        result = predict_file(MetaStore(db_url=args.db_url or default_db_url()), domain, args.file,
+                              version=args.version, as_of=args.as_of)
     except ContractError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if result.attrs.get("knobs_source") != KNOBS_RECORDED:  # e.g. no overrides: the knobs in effect decide tier2
+    if args.version is not None or args.as_of is not None:
+        print(f"note: overrides version {result.attrs.get('version')} of {domain}", file=sys.stderr)
+    elif result.attrs.get("knobs_source") != KNOBS_RECORDED:  # e.g. no overrides: the knobs in effect decide tier2
         print(f"note: no knobs recorded with {domain}'s overrides (none stored?); tier2_enabled="
               f"{int(bool(result.attrs.get('tier2_enabled')))} from {result.attrs.get('knobs_source')}", file=sys.stderr)
     skipped = result.attrs.get("quarantine")
@@ -42,4 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", required=True)
     p.add_argument("--output", "-o", default=None, help="write the CSV here instead of stdout")
     p.add_argument("--db-url", default=None)
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--version", type=int, default=None, help="re-apply this past overrides version exactly")
+    when.add_argument("--as-of", default=None, help="re-apply the overrides version in effect at this ISO-8601 time")
     p.set_defaults(func=cmd_predict)

@@ -90,3 +90,8 @@ def counts_metadata(counts: Mapping[str, int | float]) -> dict[str, dg.MetadataV
     for key, value in counts.items():
         out[key] = dg.MetadataValue.int(int(value)) if isinstance(value, int) else dg.MetadataValue.float(float(value))
     return out
+
+
+# A task (any model whose outputs are rated; prompt evolution's unit too) appears the first
+# time feedback for it is ingested (`meta-pipeline ingest feedback FILE --task NAME`).
+task_partitions = dg.DynamicPartitionsDefinition(name="task")

@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from itertools import pairwise
 from multiprocessing import get_context
 from typing import Any
 
@@ -43,8 +44,9 @@ from scipy import stats
 from meta_pipeline.learning.drift import DetectorSpec, DriftConfig, ResidualDriftMonitor
 
 __all__ = [
-    "ERT_TARGET",
     "DELAY_TARGETS",
+    "ERT_TARGET",
+    "PH_SMALL_ALTERNATIVE",
     "detection_delay",
     "drift_report",
     "expected_run_length",
@@ -54,6 +56,12 @@ __all__ = [
     "throughput",
 ]
 
+#: the small-shift River Page-Hinkley the design check runs (tuned like the default's ph_large:
+#: CUSUM reference 0.15 = half of 0.3 SD, threshold for ~10^5 trades per false alarm)
+PH_SMALL_ALTERNATIVE = DetectorSpec(
+    "ph_small", "page_hinkley",
+    {"delta": 0.15, "threshold": 32.0, "alpha": 1.0, "mode": "both", "min_instances": 1},
+)
 ERT_TARGET = 50_000                       # stationary trades per false alarm, at least
 DELAY_TARGETS = {0.3: 300.0, 1.0: 30.0}   # shift in SDs -> mean delay, at most
 _BATCH = 100_000
@@ -124,7 +132,7 @@ def _ert_run(config_json: dict, n_trades: int, seed: int, noise: str) -> dict[st
     warm = 0
     if config.standardize:
         bounds = [0] + [g + 1 for g in alarm_at] + [n_trades]
-        warm = sum(min(config.warmup, e - s) for s, e in zip(bounds[:-1], bounds[1:]))
+        warm = sum(min(config.warmup, e - s) for s, e in pairwise(bounds))
     return {"trades": n_trades, "monitored": n_trades - warm, "alarms": len(alarm_at),
             "by_detector": dict(by_detector), "by_direction": dict(by_direction), "wall_s": wall}
 
@@ -213,7 +221,8 @@ def _delay_runs(config_json: dict, seeds: list[int], signs: list[float], kind: s
     return out
 
 
-def _summarize_delays(rows: list[dict[str, Any]], target: float | None) -> dict[str, Any]:
+def _summarize_delays(rows: list[dict[str, Any]], target: float | None,
+                      ramp_length: int | None = None) -> dict[str, Any]:
     n = len(rows)
     pre = sum(1 for r in rows if r["pre_alarm"])
     valid = [r for r in rows if not r["pre_alarm"]]
@@ -232,8 +241,9 @@ def _summarize_delays(rows: list[dict[str, Any]], target: float | None) -> dict[
         ce = [r["change_err"] for r in det if r["change_err"] is not None]
         if ce:
             out["change_index_error_median"] = float(np.median(ce))
-        if "level_at_alarm" in det[0]:
+        if ramp_length is not None:
             out["level_at_alarm_mean"] = float(np.mean([r["level_at_alarm"] for r in det]))
+            out["caught_before_ramp_end"] = float(np.mean(d < ramp_length))
     else:
         out.update({"mean": math.nan, "mean_ci95": (math.nan, math.nan), "median": math.nan,
                     "p90": math.nan, "max": math.nan})
@@ -256,7 +266,7 @@ def _delay(config: DriftConfig, kind: str, size: float, ramp_length: int, n_runs
               noise, int(pre_change), int(horizon)) for b in idx if len(b)]
     t0 = time.perf_counter()
     rows = [r for part in _run_tasks(_delay_runs, tasks, workers, executor) for r in part]
-    out = _summarize_delays(rows, target)
+    out = _summarize_delays(rows, target, ramp_length if kind == "ramp" else None)
     out.update({"noise": noise, "pre_change": int(pre_change), "horizon": int(horizon),
                 "wall_s": time.perf_counter() - t0, "seed": seed})
     return out
@@ -317,7 +327,12 @@ def ramp_delay(
 
 # --------------------------------------------------------------------------- River side by side
 def _river_streams() -> dict[str, np.ndarray | list]:
-    """The streams of River's tests (river/drift/test_drift_detectors.py) and doctests."""
+    """The streams of River's tests (river/drift/test_drift_detectors.py) and doctests.
+
+    Built with numpy's legacy global generator exactly as River's tests do; its previous
+    state is restored afterwards.
+    """
+    saved = np.random.get_state()
     np.random.seed(12345)
     s1 = np.concatenate((np.random.randint(2, size=1000), np.random.randint(8, size=1000)))
     np.random.seed(12345)
@@ -327,6 +342,7 @@ def _river_streams() -> dict[str, np.ndarray | list]:
         np.random.normal(0.0, 0.1, 500) > 0,
         np.random.normal(0.25, 0.1, 500) > 0,
     )).astype(int)
+    np.random.set_state(saved)
     rng = random.Random(12345)
     doc = rng.choices([0, 1], k=1000) + rng.choices(range(4, 8), k=1000)
     return {"data_stream_1": s1, "data_stream_3": s3, "doctest_stream": doc}
@@ -355,7 +371,7 @@ def river_side_by_side() -> list[dict[str, Any]]:
     Ours = :class:`ResidualDriftMonitor` with ``DriftConfig.passthrough(spec)``: the raw
     values into the same River detector, no standardization and no warm-up; a fired
     detector is replaced by a fresh one, which is what River's reset-on-next-update does.
-    A last row runs the *default* monitor (standardized, warm-up 500) on River's ADWIN
+    A last row runs the *default* monitor (standardized, with its warm-up) on River's ADWIN
     stream for comparison; no River figure exists for it.
     """
     streams = _river_streams()
@@ -373,12 +389,12 @@ def river_side_by_side() -> list[dict[str, Any]]:
         rows.append({"stream": stream, "detector": spec.name, "documented": documented, "source": source,
                      "river": river_idx, "ours": ours,
                      "match": river_idx == documented and ours == documented})
-    mon = ResidualDriftMonitor(DriftConfig())
-    alarms = mon.update(np.asarray(streams["data_stream_1"], dtype=float))
-    rows.append({"stream": "data_stream_1", "detector": "ours, default config (standardized, warm-up 500)",
-                 "documented": None, "source": "-", "river": None,
-                 "ours": [a.index for a in alarms], "ours_detail": [f"{a.detector}@{a.index} change~{a.change_index}"
-                                                                   for a in alarms],
+    default = DriftConfig()
+    alarms = ResidualDriftMonitor(default).update(np.asarray(streams["data_stream_1"], dtype=float))
+    rows.append({"stream": "data_stream_1",
+                 "detector": f"ours, default config (standardized, warm-up {default.warmup})",
+                 "documented": None, "source": "-", "river": None, "ours": [a.index for a in alarms],
+                 "ours_detail": [f"{a.detector}@{a.index} change~{a.change_index}" for a in alarms],
                  "match": None})
     return rows
 
@@ -395,12 +411,15 @@ def throughput(config: DriftConfig = DriftConfig(), n: int = 300_000, seed: int 
 
 # --------------------------------------------------------------------------- report
 def drift_report(quick: bool = False, *, seed: int = 0, workers: int | None = None,
-                 config: DriftConfig = DriftConfig()) -> dict[str, Any]:
+                 config: DriftConfig = DriftConfig(),
+                 sizes: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
     """Everything above for ``config`` (default: the monitor's defaults).
 
     Full: 20 M stationary trades per noise, 4,000 runs per step size and noise, 2,000 ramp
     runs.  Quick: 2 M trades per noise, 400 runs, 200 ramp runs (wider CIs; an ERT of 10^5
     is then only ~20 alarms -- the quick report marks figures it cannot resolve).
+    ``sizes`` = (stationary trades per noise, run length, runs per delay figure, ramp runs)
+    overrides both (the tests use a tiny one).
     """
     t0 = time.perf_counter()
     workers = _default_workers() if workers is None else int(workers)
@@ -408,7 +427,11 @@ def drift_report(quick: bool = False, *, seed: int = 0, workers: int | None = No
         n_ert, run_len, n_delay, n_ramp = 2_000_000, 250_000, 400, 200
     else:
         n_ert, run_len, n_delay, n_ramp = 20_000_000, 500_000, 4000, 2000
-    out: dict[str, Any] = {"quick": quick, "seed": seed, "workers": workers, "config": config.to_json()}
+    if sizes is not None:
+        n_ert, run_len, n_delay, n_ramp = (int(v) for v in sizes)
+    out: dict[str, Any] = {"quick": quick, "seed": seed, "workers": workers, "config": config.to_json(),
+                           "sizes": {"stationary_trades_per_noise": n_ert, "run_length": run_len,
+                                     "runs_per_delay": n_delay, "ramp_runs": n_ramp}}
     ex: Executor | None = None
     if workers > 1:
         ex = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
@@ -421,6 +444,20 @@ def drift_report(quick: bool = False, *, seed: int = 0, workers: int | None = No
             out["delay"].append(detection_delay(config, shift, n_delay, seed + 10 + k, noise=nz,
                                                 workers=workers, executor=ex))
         out["ramp"] = ramp_delay(config, 1000, 1.0, n_ramp, seed + 20, workers=workers, executor=ex)
+        # the step right at the end of a warm-up (the hardest place for a window/running-mean detector)
+        out["delay_at_warmup_end"] = detection_delay(config, 0.3, n_delay, seed + 30, pre_change=0,
+                                                     workers=workers, executor=ex)
+        # design check: why not a River Page-Hinkley CUSUM for the small shifts (its running mean
+        # chases the shift); same step at the warm-up's end, small-shift PH beside the large one
+        alt = DriftConfig(warmup=config.warmup, detectors=(PH_SMALL_ALTERNATIVE, *[
+            s for s in config.detectors if s.kind == "page_hinkley"]))
+        out["design_check_ph_small"] = {
+            "config": alt.to_json(),
+            "at_warmup_end": detection_delay(alt, 0.3, n_delay, seed + 31, pre_change=0, target=300.0,
+                                             workers=workers, executor=ex),
+            "after_1000": detection_delay(alt, 0.3, n_delay, seed + 32, pre_change=1000, target=300.0,
+                                          workers=workers, executor=ex),
+        }
     finally:
         if ex is not None:
             ex.shutdown()
@@ -471,11 +508,18 @@ def format_drift_report(d: dict[str, Any]) -> str:
             f"p90 {r['p90']:.0f}, max {r['max']:.0f}; misses {r['misses']}/{r['runs'] - r['pre_change_alarms']} "
             f"within {r['horizon']}; pre-change alarms {r['pre_change_alarms']} "
             f"| {tgt} | {_status(r.get('met'), r.get('point_met')) if r.get('target') is not None else 'info'} |")
+    r = d["delay_at_warmup_end"]
+    lines.append(
+        f"| delay, 0.3 SD step right at the end of the warm-up, gaussian ({r['runs']} runs) "
+        f"| mean {r['mean']:.1f} (CI {r['mean_ci95'][0]:.1f}-{r['mean_ci95'][1]:.1f}), median {r['median']:.0f}, "
+        f"p90 {r['p90']:.0f}; misses {r['misses']}/{r['runs'] - r['pre_change_alarms']} within {r['horizon']} "
+        f"| mean <= 300 (stricter placement than the issue's) | {_status(r.get('met'), r.get('point_met'))} |")
     rp = d["ramp"]
     lines.append(
         f"| delay, ramp 0->{rp['ramp_to_sigma']:g} SD over {rp['ramp_length']} trades, {rp['noise']} "
         f"({rp['runs']} runs) | mean {rp['mean']:.0f} (CI {rp['mean_ci95'][0]:.0f}-{rp['mean_ci95'][1]:.0f}), "
         f"p90 {rp['p90']:.0f}; shift at alarm {rp.get('level_at_alarm_mean', math.nan):.2f} SD; "
+        f"caught before the ramp ends {100 * rp.get('caught_before_ramp_end', math.nan):.0f}%; "
         f"misses {rp['misses']}; pre-change alarms {rp['pre_change_alarms']} | none in the issue | info |")
     for r in d["river"]:
         if r["documented"] is None:
@@ -483,6 +527,12 @@ def format_drift_report(d: dict[str, Any]) -> str:
         lines.append(
             f"| River side by side: {r['detector']} on {r['stream']} | River now {r['river']}, ours {r['ours']} "
             f"| River documents {r['documented']} ({r['source']}) | {'match' if r['match'] else '**MISMATCH**'} |")
+    dc = d["design_check_ph_small"]
+    for label, r in (("right at the end of the warm-up", dc["at_warmup_end"]), ("1000 trades after it", dc["after_1000"])):
+        lines.append(
+            f"| design check -- River PageHinkley(delta 0.15, threshold 32) for small shifts instead of ADWIN: "
+            f"0.3 SD step {label} | mean {r['mean']:.1f}, p90 {r['p90']:.0f}; misses {r['misses']}/"
+            f"{r['runs'] - r['pre_change_alarms']} within {r['horizon']} | (alternative, not the default) | info |")
     tp = d["throughput"]
     lines.append(f"| throughput, default monitor, one core | {tp['values_per_s']:,.0f} values/s "
                  f"({tp['us_per_value']:.2f} us/value) | - | info |")
@@ -504,8 +554,10 @@ def format_drift_report(d: dict[str, Any]) -> str:
     lines.append("- ERT counts monitored trades only (warm-ups excluded); CIs: exact Poisson (ERT), "
                  "normal (mean delay).")
     if d["quick"]:
-        lines.append("- QUICK run: 10x fewer stationary trades and runs than the full report; a status "
-                     "'not resolved' here means: run the full report.")
+        sz = d["sizes"]
+        lines.append(f"- QUICK run: {sz['stationary_trades_per_noise']:,} stationary trades per noise and "
+                     f"{sz['runs_per_delay']} runs per delay (the full report: 20,000,000 and 4,000), so the "
+                     "CIs are wider; 'not resolved' here means: run the full report.")
     return "\n".join(lines)
 
 

@@ -697,6 +697,7 @@ class OverrideModel:
     knobs: dict[str, float]
     now: pd.Timestamp | None
     knobs_source: str = "fit"
+    version: int | None = None  # the stored overrides version the rows are (None: the current table / a fresh fit)
 
     # -- the rules written once ----------------------------------------------
     @staticmethod
@@ -772,11 +773,13 @@ class OverrideModel:
         """
         rows = overrides.reset_index(drop=True) if overrides is not None else _empty_overrides()
         knobs, now = _recorded_knobs(rows)
+        version = int(rows["version"].iloc[0]) if "version" in rows and len(rows) and pd.notna(rows["version"].iloc[0]) else None
         if knobs is not None:
-            return cls(rows, regime_weights, knobs, now, KNOBS_RECORDED)
+            return cls(rows, regime_weights, knobs, now, KNOBS_RECORDED, version)
         if fallback_knobs is None:
             fallback_knobs, fallback_source = default_knobs(), "defaults"
-        return cls(rows, regime_weights, {str(k): float(v) for k, v in fallback_knobs.items()}, None, fallback_source)
+        return cls(rows, regime_weights, {str(k): float(v) for k, v in fallback_knobs.items()}, None, fallback_source,
+                   version)
 
     def with_knobs(self, source: str, **knobs: float) -> OverrideModel:
         """A copy with some knobs set explicitly (e.g. a caller's tier2_enabled)."""

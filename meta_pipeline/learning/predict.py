@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from meta_pipeline.contracts import (
+    ContractError,
     TradesBatch,
     read_input_file,
     validate_domain,
@@ -36,9 +37,42 @@ from meta_pipeline.learning.overrides import OverrideModel
 __all__ = ["override_model", "predict_file", "predict_trades"]
 
 
-def override_model(store_or_frames: Any, domain: str) -> OverrideModel:
-    """The domain's stored override model (see :func:`predict_trades` for ``store_or_frames``)."""
+def version_in_effect(store: Any, domain: str, as_of: pd.Timestamp) -> int:
+    """The overrides version an engine applied at ``as_of``: the prequential rule of the closed loop
+    (the newest ``as_of`` strictly before the time; ``feedback.assign_versions``). ContractError if none."""
+    from meta_pipeline.learning.feedback import assign_versions
+
+    versions = store.override_versions(domain)
+    stamp = pd.Timestamp(as_of)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    found = int(assign_versions(pd.Series([stamp]), versions)[0])
+    if found < 0:
+        first = "no overrides version yet" if versions.empty else f"the first one learned up to {versions['as_of'].min()}"
+        raise ContractError(f"domain {domain!r} had no overrides version in effect at {stamp} ({first})")
+    return found
+
+
+def override_model(store_or_frames: Any, domain: str, *, version: int | None = None,
+                   as_of: pd.Timestamp | str | None = None) -> OverrideModel:
+    """The domain's stored override model (see :func:`predict_trades` for ``store_or_frames``).
+
+    ``version`` (or ``as_of``: the version in effect at that time) re-applies a past version
+    exactly: its rows, the regime weights and the knobs it was built with (store only).
+    """
     validate_domain(domain)
+    if version is not None or as_of is not None:
+        if isinstance(store_or_frames, Mapping):
+            raise ValueError("a past version needs a store, not frames")
+        store = store_or_frames
+        if version is None:
+            version = version_in_effect(store, domain, pd.Timestamp(as_of))
+        try:
+            rows, weights, knobs = store.override_version_rows(domain, int(version))
+        except KeyError as exc:
+            known = store.override_versions(domain)["version"].tolist()
+            raise ContractError(f"domain {domain!r} has no overrides version {version} "
+                                f"(versions: {known[:1] + ['…'] + known[-1:] if len(known) > 3 else known})") from exc
+        return OverrideModel.from_rows(rows, weights, knobs, fallback_source=f"recorded with version {version}")
     if isinstance(store_or_frames, Mapping):
         model = OverrideModel.from_rows(store_or_frames.get("overrides"), store_or_frames.get("regime_weights"), None)
         if "tier2_enabled" in store_or_frames:  # explicit wins
@@ -71,6 +105,9 @@ def predict_trades(
     store_or_frames: Any,
     domain: str,
     trades: pd.DataFrame | TradesBatch | str | Path,
+    *,
+    version: int | None = None,
+    as_of: pd.Timestamp | str | None = None,
 ) -> pd.DataFrame:
     """``trade_id, edge`` for each valid trade, in input order.
 
@@ -84,9 +121,10 @@ def predict_trades(
     ``result.attrs["quarantine"]`` (file line and reason), like ingest does.
     ``result.attrs`` also has ``knobs`` and ``knobs_source`` (``"recorded with the
     overrides"``, a ``KnobsInEffect.source`` such as ``"configs v3"``, ``"given"`` or
-    ``"defaults"``) and ``tier2_enabled``.
+    ``"defaults"``) and ``tier2_enabled``. ``version`` / ``as_of``: re-apply a past
+    overrides version exactly (``override_model``); ``attrs["version"]`` says which.
     """
-    model = override_model(store_or_frames, domain)
+    model = override_model(store_or_frames, domain, version=version, as_of=as_of)
     batch = _as_batch(trades, domain)
     edge = model.predict(batch.trades, batch.patterns, batch.scope, batch.metrics)
     out = pd.DataFrame({"trade_id": edge.index.to_numpy(), "edge": edge.to_numpy()})
@@ -94,9 +132,11 @@ def predict_trades(
     out.attrs["tier2_enabled"] = model.tier2_enabled
     out.attrs["knobs"] = dict(model.knobs)
     out.attrs["knobs_source"] = model.knobs_source
+    out.attrs["version"] = model.version
     return out
 
 
-def predict_file(store: Any, domain: str, path: str | Path) -> pd.DataFrame:
+def predict_file(store: Any, domain: str, path: str | Path, *, version: int | None = None,
+                 as_of: pd.Timestamp | str | None = None) -> pd.DataFrame:
     """``trade_id, edge`` for a trades file in the ingest contract (what the CLI prints as CSV)."""
-    return predict_trades(store, domain, Path(path))
+    return predict_trades(store, domain, Path(path), version=version, as_of=as_of)

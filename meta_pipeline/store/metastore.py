@@ -569,3 +569,158 @@ class MetaStore:
             mark_written(conn, name)
             conn.execute(delete(tbl).where(tbl.c.domain == domain, tbl.c[column].in_(select(staged.c.key))))
         staged.drop(conn)
+
+    # -- generic feedback (tasks) --
+    # A task (any model whose outputs someone rates) partitions its tables by a `task`
+    # column instead of `domain`. Its quarantine rows and ingest batches carry the task in
+    # their `domain` column with kind "feedback", so the sensors' batch queries
+    # (`batches_after`) serve tasks as they serve domains. Names follow the domain rule
+    # (contracts.validate_task); the partition lock key is "<table>/<task>" (the tables
+    # differ from every domain table, so a task and a domain of one name never share a lock).
+    def replace_task_partition(self, table_name: str, task: str, rows: pd.DataFrame,
+                               conn: Connection | None = None) -> int:
+        """Replace exactly ``task``'s rows of a task-partitioned table, atomically. Returns rows written."""
+        from meta_pipeline.contracts import validate_task
+
+        tbl = table(table_name)
+        if table_name in APPEND_ONLY_TABLES:
+            raise ValueError(f"{table_name} is append-only; use append()")
+        if "task" not in tbl.c:
+            raise ValueError(f"{table_name} is not partitioned by task")
+        validate_task(task)
+        rows = rows.copy()
+        if "task" in rows.columns and not rows.empty and not (rows["task"] == task).all():
+            raise ValueError(f"{table_name}: rows for other tasks passed to replace_task_partition({task!r})")
+        rows["task"] = task
+
+        def replace(c: Connection) -> int:
+            lock_partition(c, tbl.name, task)
+            mark_written(c, tbl.name)
+            c.execute(delete(tbl).where(tbl.c.task == task))
+            return insert_frame(c, tbl, rows)
+
+        if conn is not None:
+            return replace(conn)
+        with self.write() as c:
+            return replace(c)
+
+    def write_feedback_batch(self, feedback: pd.DataFrame, quarantine: pd.DataFrame, *, task: str, source: str,
+                             now: pd.Timestamp) -> tuple[int, int, int]:
+        """Land one validated feedback file (``contracts.validate_feedback``), in one transaction.
+
+        A re-sent key (task, ts, input) — its ``feedback_id`` — replaces the stored row; bad
+        rows go to quarantine; an ``ingest_batches`` row (kind "feedback", domain = the task)
+        tells the feedback sensor. Returns (ingested, replaced, quarantined).
+        """
+        from meta_pipeline.contracts import validate_task
+
+        validate_task(task)
+        with self.write() as conn:
+            lock_partition(conn, "feedback", task)
+            existing = self.read("feedback", columns=["feedback_id"], equals={"task": task}, conn=conn)["feedback_id"]
+            keys = feedback["feedback_id"]
+            overlap = set(existing.to_numpy()).intersection(keys.to_numpy())
+            if overlap:
+                self._delete_task_keys(conn, "feedback", task, "feedback_id", pd.Series(sorted(overlap)))
+            ingested = insert_frame(conn, table("feedback"), feedback.assign(task=task, ingested_at=now))
+            quarantined = insert_frame(conn, table("quarantine"), quarantine.assign(quarantined_at=now))
+            self.record_batch(conn, task, "feedback", source, ingested, quarantined, now)
+        return ingested, len(overlap), quarantined
+
+    def read_feedback(self, task: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """A task's feedback rows in stream order (ts, then feedback_id)."""
+        from meta_pipeline.contracts import validate_task
+
+        return self.read("feedback", columns=columns, equals={"task": validate_task(task)},
+                         order_by=["ts", "feedback_id"])
+
+    def read_feedback_cycles_generic(self, task: str | None = None) -> pd.DataFrame:
+        """The cycles of one task (or of every task), in cycle order."""
+        from meta_pipeline.contracts import validate_task
+
+        equals = {"task": validate_task(task)} if task is not None else None
+        return self.read("feedback_cycles_generic", equals=equals, order_by=["task", "cycle"])
+
+    RETRAIN_COLUMNS = ("retrain_requested", "retrain_requested_at", "retrain_run_key")
+
+    def write_feedback_cycles_generic(self, task: str, cycles: pd.DataFrame) -> int:
+        """Replace a task's ``feedback_cycles_generic`` rows; the retrain-request columns survive.
+
+        The figures are the asset's; ``retrain_requested`` / ``_at`` / ``_run_key`` are the
+        retrain sensor's (``mark_retrain_requested``). In one transaction under the
+        partition lock (which the sensor's mark takes too), a recomputed cycle keeps its
+        request when it is the same cycle: same number, cycle_size, model version and first
+        ts, and still complete. Returns rows written.
+        """
+        from meta_pipeline.contracts import validate_task
+
+        validate_task(task)
+        with self.write() as conn:
+            lock_partition(conn, "feedback_cycles_generic", task)
+            old = self.read("feedback_cycles_generic", equals={"task": task, "retrain_requested": True},
+                            columns=["cycle", "cycle_size", "model_version", "first_ts", *self.RETRAIN_COLUMNS],
+                            conn=conn)
+            rows = cycles.drop(columns=[c for c in self.RETRAIN_COLUMNS if c in cycles.columns]).reset_index(drop=True)
+            keep = np.zeros(len(rows), dtype=bool)
+            found = pd.DataFrame(index=rows.index, columns=list(self.RETRAIN_COLUMNS))
+            if len(old) and len(rows):
+                def ident(frame: pd.DataFrame) -> pd.DataFrame:
+                    version = frame["model_version"].astype(object)
+                    return pd.DataFrame({"cycle": frame["cycle"].astype(np.int64).to_numpy(),
+                                         "cycle_size": frame["cycle_size"].astype(np.int64).to_numpy(),
+                                         "version": version.where(version.notna(), "").astype(str).to_numpy(),
+                                         "first_ts": pd.to_datetime(frame["first_ts"], utc=True).to_numpy()})
+
+                found = ident(rows).merge(pd.concat([ident(old), old[list(self.RETRAIN_COLUMNS)].reset_index(drop=True)],
+                                                    axis=1), on=["cycle", "cycle_size", "version", "first_ts"], how="left")
+                keep = found["retrain_requested"].eq(True).to_numpy() & rows["complete"].astype(bool).to_numpy()
+            rows["retrain_requested"] = keep
+            rows["retrain_requested_at"] = pd.to_datetime(found["retrain_requested_at"], utc=True).where(keep)
+            rows["retrain_run_key"] = found["retrain_run_key"].astype(object).where(keep, None)
+            return self.replace_task_partition("feedback_cycles_generic", task, rows, conn=conn)
+
+    def mark_retrain_requested(self, task: str, cycles: Sequence[int], run_key: str, at: pd.Timestamp) -> int:
+        """Record that a re-training run was requested for these cycles (complete, due, not yet
+        requested ones only). Returns the rows marked."""
+        from meta_pipeline.contracts import validate_task
+
+        validate_task(task)
+        numbers = sorted({int(c) for c in cycles})
+        if not numbers:
+            return 0
+        tbl = table("feedback_cycles_generic")
+        stamp = pd.Timestamp(at)
+        stamp = (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")).to_pydatetime()
+        with self.write() as conn:
+            lock_partition(conn, tbl.name, task)
+            mark_written(conn, tbl.name)
+            result = conn.execute(
+                tbl.update()
+                .where(tbl.c.task == task, tbl.c.cycle.in_(numbers), tbl.c.retrain_due.is_(True),
+                       tbl.c.retrain_requested.is_(False))
+                .values(retrain_requested=True, retrain_requested_at=stamp, retrain_run_key=run_key)
+            )
+            return int(result.rowcount or 0)
+
+    def pending_retrains(self, task: str | None = None) -> pd.DataFrame:
+        """Cycles that broke a threshold, are complete, and have no re-training request yet (task, cycle order)."""
+        from meta_pipeline.contracts import validate_task
+
+        equals: dict[str, Any] = {"retrain_due": True, "retrain_requested": False}
+        if task is not None:
+            equals["task"] = validate_task(task)
+        return self.read("feedback_cycles_generic", equals=equals, order_by=["task", "cycle"])
+
+    @staticmethod
+    def _delete_task_keys(conn: Connection, table_name: str, task: str, column: str, keys: pd.Series) -> None:
+        """``_delete_keys`` for a task-partitioned table: the keys staged once, one DELETE joining them."""
+        if len(keys) == 0:
+            return
+        tbl = table(table_name)
+        staged = Table(STAGED_KEYS, MetaData(), Column("key", tbl.c[column].type, nullable=False),
+                       prefixes=["TEMPORARY"])
+        staged.create(conn)
+        insert_frame(conn, staged, pd.DataFrame({"key": pd.Series(keys).drop_duplicates().to_numpy()}))
+        mark_written(conn, table_name)
+        conn.execute(delete(tbl).where(tbl.c.task == task, tbl.c[column].in_(select(staged.c.key))))
+        staged.drop(conn)

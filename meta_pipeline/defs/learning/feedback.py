@@ -101,19 +101,28 @@ def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame) -> tupl
         seen = (order["closed_at"] < last[0]) | ((order["closed_at"] == last[0]) & (order["trade_id"].astype(str) <= last[1]))
         position = int(seen.sum())
         # the consumed trades must still be the stream's prefix, with the same versions
+        restored = None
         if seen.to_numpy()[:position].all() and _stream_digest(order.iloc[:position]) == state["stream_digest"].iloc[0]:
-            monitor = ResidualDriftMonitor.from_state(state["state_json"].iloc[0])
+            try:
+                restored = ResidualDriftMonitor.from_state(state["state_json"].iloc[0])
+            except ValueError:  # a state an older version wrote: start over on the whole stream
+                note = "the stored monitor state is from another version: the monitor rescanned the stream"
+        if restored is not None:
+            monitor = restored
             consumed = position
             note = f"continued the residual stream after {position} trades"
-        else:
+        elif note.startswith("drift monitor started"):
             note = "the scored history changed (e.g. a replay added past versions): the monitor rescanned the stream"
     tail = order.iloc[consumed:]
     events: list[dict] = []
     if len(tail):
         alarms = monitor.update(tail["residual"].to_numpy(dtype=float))
         now = pd.Timestamp.now(tz="UTC")
+        known = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
         for alarm in alarms:
             at = tail.iloc[alarm.index]
+            if str(at["trade_id"]) in known:  # a rescan found an alarm already on record: not a new event
+                continue
             change = None
             if alarm.change_index is not None and 0 <= consumed + alarm.change_index < len(order):
                 change = order.iloc[consumed + alarm.change_index]

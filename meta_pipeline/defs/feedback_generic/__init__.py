@@ -1,0 +1,1 @@
+"""Generic feedback (any model whose outputs are rated): assets, check and sensors, per `task`."""
