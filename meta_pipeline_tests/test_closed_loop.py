@@ -216,3 +216,36 @@ def test_an_old_store_upgrades_in_place_to_version_1(tmp_path):
     assert json.loads(versions["knobs_json"].iloc[0])["tier2_enabled"] == 0
     assert store.read("pm_overrides", domain="d")["version"].tolist() == [1]
     assert len(store.read("pm_overrides_history", domain="d")) == 1
+
+
+def test_a_break_ingested_through_the_cli_reaches_dagster_sensor_preview_once(tmp_path):
+    """The issue's path: trades through `meta-pipeline ingest`, assets through `dagster asset materialize`,
+    the drift event through `dagster sensor preview drift_sensor` — exactly one run requested for it."""
+    import subprocess
+
+    from meta_pipeline_tests.support.e2e import REPO_ROOT, VENV_BIN, make_environment
+
+    env = make_environment(tmp_path)
+    fleet = generate_fleet(n_domains=1, n_trades=9000, train_days=80, holdout_days=10, break_at_days=45,
+                           e0_range=(0.5, 0.9), seed=0, underperform=None)
+    data = fleet.domains["dom0"]
+    trades, t_b = data.trades, data.truth.break_at
+    before = write_trades_file(trades[trades["closed_at"] <= t_b - pd.Timedelta(days=15)], tmp_path / "before.csv")
+    after = write_trades_file(trades[(trades["closed_at"] > t_b - pd.Timedelta(days=15))
+                                     & (trades["closed_at"] <= t_b + pd.Timedelta(days=5))], tmp_path / "after.csv")
+
+    def dagster(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([str(VENV_BIN / "dagster"), *args, "-m", "meta_pipeline.definitions"], cwd=REPO_ROOT,
+                              env=env.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    assert env.run_cli("ingest", "trades", str(before), "--domain", "dom0").returncode == 0
+    dagster("asset", "materialize", "--select", "group:learning", "--partition", "dom0")
+    assert env.run_cli("ingest", "trades", str(after), "--domain", "dom0").returncode == 0
+    dagster("asset", "materialize", "--select", "group:learning or group:feedback", "--partition", "dom0")
+    store = MetaStore(env.db_url)
+    events = store.read("drift_events", domain="dom0")
+    assert len(events) == 1 and events["closed_at"].iloc[0] > t_b
+    preview = dagster("sensor", "preview", "drift_sensor")  # a fresh cursor: pending is decided from the data
+    assert "Sensor returning run requests for 1 run(s)" in preview.stdout, preview.stdout

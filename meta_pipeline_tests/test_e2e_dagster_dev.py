@@ -64,6 +64,8 @@ ASSET_TABLES = {
     "latent_factors": "latent_factors",
     "regime_weights": "learning_regime_weights",
     "pm_overrides": "pm_overrides",
+    # one version only here: nothing to score yet, but the drift monitor's state row is written every run
+    "override_feedback": "drift_monitor_state",
     "domain_priors": "domain_priors",
     "controller_state": "controller_state",
     "diagnostics": "diagnostics",
