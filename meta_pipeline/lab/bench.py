@@ -329,7 +329,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         out += [f"Learning pass ÷ floor: **{_fmt(size.get('floor_ratio'))}×** "
                 f"(floor: read {_fmt(size['floor']['read_s'])} s + groupby {_fmt(size['floor']['groupby_s'], 3)} s). "
                 f"Run cache: {size['cache']['hits']} reads served from memory, {size['cache']['misses']} from the "
-                f"database; lesson incidence reused {size['cache'].get('memo_hits', 0)}×.", ""]
+                f"database; once-per-run values reused {size['cache'].get('memo_hits', 0)}× (the lesson incidence, "
+                "the knobs in effect, the learning window).", ""]
         if size.get("naive"):
             out += ["Naive baselines (same in-memory inputs, core against core):", "",
                     _md_table(NAIVE_HEADER, naive_rows(size)), ""]
