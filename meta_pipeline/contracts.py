@@ -359,7 +359,8 @@ drift_events = Table(
     Column("closed_at", DateTime(timezone=True), nullable=False),
     Column("change_trade_id", String(200)),  # the estimated change point, when the detector gives one
     Column("change_closed_at", DateTime(timezone=True)),
-    Column("detector", String(50), nullable=False),
+    Column("detector", String(50), nullable=False),  # the whole stream's detector, or "ph_factor"
+    Column("stream", String(200), default="all"),  # "all" trades, or "factor:<latent_factor_id>"
     Column("statistic", Float),
     Column("overrides_version", Integer, nullable=False),  # the version whose residuals drifted
     Index("ix_drift_events_domain", "domain"),

@@ -147,6 +147,7 @@ from river import drift as river_drift
 
 __all__ = [
     "DEFAULT_DETECTORS",
+    "FACTOR_DRIFT_CONFIG",
     "STATE_VERSION",
     "DetectorSpec",
     "DriftAlarm",
@@ -278,6 +279,23 @@ class DriftConfig:
         d = dict(d)
         d["detectors"] = tuple(DetectorSpec.from_json(s) for s in d["detectors"])
         return cls(**d)
+
+
+#: The per-factor monitors of ``override_feedback``: one stream per latent factor, the residuals
+#: of the trades that factor's override priced. A broken lesson shifts its factor's stream by
+#: about twice its edge (in residual SDs: 0.7-1.5 for the edges this pipeline learns) while it
+#: moves the whole domain's stream only by its share of the trades, so the factor streams catch
+#: breaks of rare lessons the whole-stream monitor misses. Large shifts only: Page-Hinkley
+#: (k = 0.5) with a shorter warm-up (factors see fewer trades) and a higher threshold, so that
+#: the factor streams together stay inside the false-alarm budget (each trade feeds ~1 factor
+#: stream; measured by ``lab.drift_bench``: ERT per stream ~800k Gaussian / ~360k t(5) trades at
+#: threshold 14, mean delay ~29 trades at 1 SD, ~85 at 0.7 SD with some misses — the
+#: whole-stream monitor beside it covers small shifts).
+FACTOR_DRIFT_CONFIG = DriftConfig(
+    warmup=200,
+    detectors=(DetectorSpec("ph_factor", "page_hinkley",
+                            {"delta": 0.5, "threshold": 14.0, "alpha": 1.0, "mode": "both", "min_instances": 1}),),
+)
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,9 @@ def break_windows(trades: pd.DataFrame, patterns: pd.DataFrame, events: pd.DataF
     """Per pattern whose edge broke at a drift event: the start of its fit window.
 
     For each break b (in time order) at time t_b, with the previous break t_{b−1} (or the
-    start of history) and the next t_{b+1} (or the end): a pattern's trades in
-    (t_{b−1}, t_b] and (t_b, t_{b+1}] give its mean return before and after, and
+    start of history): a pattern's trades in (t_{b−1}, t_b] and after t_b give its mean
+    return before and after (after: everything since, so two alarms close together — the
+    whole stream's and a factor's at one break — do not starve each other of trades), and
     z = (mean_after − mean_before) / √(s²_before/n_before + s²_after/n_after) (Welch).
     A pattern with |z| ≥ ``z_threshold`` (and ``min_trades`` on each side) is affected:
     its lessons learn only from trades closed after t_b (its newest such break wins).
@@ -245,12 +246,10 @@ def break_windows(trades: pd.DataFrame, patterns: pd.DataFrame, events: pd.DataF
     rows = patterns[["trade_id", "pattern"]].merge(trades[["trade_id", "closed_at", "return_r"]], on="trade_id")
     t = pd.to_datetime(rows["closed_at"], utc=True)
     found: dict[str, dict] = {}
-    times = ev["_t"].tolist() + [None]
     prev = None
-    for i, (event_id, tb) in enumerate(zip(ev["id"] if "id" in ev else range(len(ev)), ev["_t"])):
-        nxt = times[i + 1]
+    for event_id, tb in zip(ev["id"] if "id" in ev else range(len(ev)), ev["_t"]):
         before = (t <= tb) if prev is None else ((t > prev) & (t <= tb))
-        after = (t > tb) if nxt is None else ((t > tb) & (t <= nxt))
+        after = t > tb
         stats_b = rows.loc[before].groupby("pattern")["return_r"].agg(["count", "mean", "var"])
         stats_a = rows.loc[after].groupby("pattern")["return_r"].agg(["count", "mean", "var"])
         both = stats_b.join(stats_a, lsuffix="_b", rsuffix="_a", how="inner")

@@ -24,7 +24,7 @@ from pydantic import Field
 from meta_pipeline.defs.learning.assets import AS_OF_TAG, TRADE_COLUMNS, _run_as_of, pm_overrides
 from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
 from meta_pipeline.learning import feedback as feedback_core
-from meta_pipeline.learning.drift import DriftConfig, ResidualDriftMonitor
+from meta_pipeline.learning.drift import FACTOR_DRIFT_CONFIG, DriftConfig, ResidualDriftMonitor
 from meta_pipeline.learning.overrides import OverrideModel
 from meta_pipeline.store import MetaStore
 
@@ -51,15 +51,19 @@ def _stream_digest(scored: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _score(store: MetaStore, domain: str, as_of: pd.Timestamp | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(scored trades, versions, coherence per version): every scorable trade with the version that predicted it."""
+def _score(store: MetaStore, domain: str, as_of: pd.Timestamp | None
+           ) -> tuple[pd.DataFrame, pd.DataFrame, dict, pd.DataFrame]:
+    """(scored trades, versions, coherence per version, factors): every scorable trade with the version that
+    predicted it, and (trade_id, latent_factor_id) for each factor whose override priced it."""
     versions = store.override_versions(domain)
     trades = store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"])
     if as_of is not None:
         trades = trades[trades["closed_at"] <= as_of]
         versions = versions[versions["as_of"] <= as_of]
+    no_factors = pd.DataFrame({"trade_id": pd.Series(dtype=object), "latent_factor_id": pd.Series(dtype=object)})
     if versions.empty or trades.empty:
-        return feedback_core.score_trades(trades.head(0), versions, lambda v, g: pd.Series(dtype=float)), versions, {}
+        empty = feedback_core.score_trades(trades.head(0), versions, lambda v, g: pd.Series(dtype=float))
+        return empty, versions, {}, no_factors
     scorable = trades[feedback_core.assign_versions(trades["closed_at"], versions) >= 0]
     ids = set(scorable["trade_id"])
     patterns = _source(store, domain, ids, "trade_patterns", ["trade_id", "pattern"])
@@ -72,74 +76,120 @@ def _score(store: MetaStore, domain: str, as_of: pd.Timestamp | None) -> tuple[p
             stored[v] = store.override_version_rows(domain, v)
         return stored[v]
 
+    factor_parts: list[pd.DataFrame] = []
+
     def predict_version(v: int, group: pd.DataFrame) -> pd.Series:
         rows, weights, knobs = version_rows(v)
         model = OverrideModel.from_rows(rows, weights, knobs)  # the knobs recorded with version v
         keep = set(group["trade_id"])
-        return model.predict(group, patterns[patterns["trade_id"].isin(keep)], scope[scope["trade_id"].isin(keep)],
-                             metrics[metrics["trade_id"].isin(keep)])
+        pats, scp = patterns[patterns["trade_id"].isin(keep)], scope[scope["trade_id"].isin(keep)]
+        factor_parts.append(model.winning_overrides(group, pats, scp)[["trade_id", "latent_factor_id"]])
+        return model.predict(group, pats, scp, metrics[metrics["trade_id"].isin(keep)])
 
     scored = feedback_core.score_trades(scorable, versions, predict_version)
+    factors = pd.concat(factor_parts, ignore_index=True) if factor_parts else no_factors
     coherence = {}
     numbers = versions["version"].astype(int).tolist()
     for prev, cur in zip([None, *numbers[:-1]], numbers):
         if cur in set(scored["overrides_version"].astype(int)):
             coherence[cur] = feedback_core.override_coherence(
                 None if prev is None else version_rows(prev)[0], version_rows(cur)[0])
-    return scored, versions, coherence
+    return scored, versions, coherence, factors
 
 
-def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame) -> tuple[list[dict], pd.DataFrame, str]:
-    """Feed the residuals the detector has not seen yet; returns (alarms as event rows, its new state row, note)."""
+STATE_FORMAT = "streams-v1"  # drift_monitor_state.state_json: {"format", "whole": <monitor>, "factors": {id: <monitor>}}
+
+
+def _load_monitors(text: str) -> tuple[ResidualDriftMonitor, dict[str, ResidualDriftMonitor]]:
+    """The stored monitors; ValueError for a state this version cannot continue."""
+    raw = json.loads(text)
+    if isinstance(raw, dict) and raw.get("format") == STATE_FORMAT:
+        return (ResidualDriftMonitor.from_state(raw["whole"]),
+                {fid: ResidualDriftMonitor.from_state(t) for fid, t in raw.get("factors", {}).items()})
+    return ResidualDriftMonitor.from_state(text), {}  # an older single-stream state: its factors start now
+
+
+def _event(at: pd.Series, change: pd.Series | None, alarm, stream: str, now: pd.Timestamp) -> dict:
+    return {
+        "detected_at": now, "trade_id": str(at["trade_id"]), "closed_at": at["closed_at"],
+        "change_trade_id": None if change is None else str(change["trade_id"]),
+        "change_closed_at": None if change is None else change["closed_at"],
+        "detector": alarm.detector, "stream": stream, "statistic": float(alarm.statistic),
+        "overrides_version": int(at["overrides_version"]),
+    }
+
+
+def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame,
+                    factors: pd.DataFrame) -> tuple[list[dict], pd.DataFrame, str]:
+    """Feed the residuals the monitors have not seen yet; returns (alarms as event rows, the new state row, note).
+
+    Two kinds of stream, in trade order: the domain's whole residual stream
+    (``DriftConfig()``: small and large shifts) and one stream per latent factor — the
+    residuals of the trades that factor's override priced (``FACTOR_DRIFT_CONFIG``: large
+    shifts), which catches a break of a lesson too rare to move the whole stream. The
+    consumed prefix is checked (same trades, same versions); if history changed (a replay
+    added past versions) the monitors rescan from the start, and an alarm already on record
+    is not recorded twice.
+    """
     state = store.read("drift_monitor_state", domain=domain)
     order = scored.reset_index(drop=True)
     consumed = 0
-    monitor = ResidualDriftMonitor(DriftConfig())
+    whole, by_factor = ResidualDriftMonitor(DriftConfig()), {}
     note = "drift monitor started on this domain's residual stream"
     if len(state):
         last = (pd.Timestamp(state["last_closed_at"].iloc[0]), str(state["last_trade_id"].iloc[0]))
         seen = (order["closed_at"] < last[0]) | ((order["closed_at"] == last[0]) & (order["trade_id"].astype(str) <= last[1]))
         position = int(seen.sum())
-        # the consumed trades must still be the stream's prefix, with the same versions
         restored = None
+        # the consumed trades must still be the stream's prefix, with the same versions
         if seen.to_numpy()[:position].all() and _stream_digest(order.iloc[:position]) == state["stream_digest"].iloc[0]:
             try:
-                restored = ResidualDriftMonitor.from_state(state["state_json"].iloc[0])
+                restored = _load_monitors(state["state_json"].iloc[0])
             except ValueError:  # a state an older version wrote: start over on the whole stream
-                note = "the stored monitor state is from another version: the monitor rescanned the stream"
+                note = "the stored monitor state is from another version: the monitors rescanned the stream"
         if restored is not None:
-            monitor = restored
-            consumed = position
-            note = f"continued the residual stream after {position} trades"
+            (whole, by_factor), consumed = restored, position
+            note = f"continued the residual streams after {position} trades"
         elif note.startswith("drift monitor started"):
-            note = "the scored history changed (e.g. a replay added past versions): the monitor rescanned the stream"
+            note = "the scored history changed (e.g. a replay added past versions): the monitors rescanned the stream"
     tail = order.iloc[consumed:]
     events: list[dict] = []
+    known = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
+    now = pd.Timestamp.now(tz="UTC")
+
+    def record(stream_rows: pd.DataFrame, alarm, stream: str, offset: int | None) -> None:
+        at = stream_rows.iloc[alarm.index]
+        if str(at["trade_id"]) in known:  # a rescan found an alarm already on record: not a new event
+            return
+        change = None
+        if alarm.change_index is not None and 0 <= alarm.change_index < len(stream_rows):
+            change = stream_rows.iloc[alarm.change_index]
+        elif alarm.change_index is not None and offset is not None and 0 <= offset + alarm.change_index < len(order):
+            change = order.iloc[offset + alarm.change_index]
+        known.add(str(at["trade_id"]))
+        events.append(_event(at, change, alarm, stream, now))
+
     if len(tail):
-        alarms = monitor.update(tail["residual"].to_numpy(dtype=float))
-        now = pd.Timestamp.now(tz="UTC")
-        known = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
-        for alarm in alarms:
-            at = tail.iloc[alarm.index]
-            if str(at["trade_id"]) in known:  # a rescan found an alarm already on record: not a new event
-                continue
-            change = None
-            if alarm.change_index is not None and 0 <= consumed + alarm.change_index < len(order):
-                change = order.iloc[consumed + alarm.change_index]
-            events.append({
-                "detected_at": now, "trade_id": str(at["trade_id"]), "closed_at": at["closed_at"],
-                "change_trade_id": None if change is None else str(change["trade_id"]),
-                "change_closed_at": None if change is None else change["closed_at"],
-                "detector": alarm.detector, "statistic": float(alarm.statistic),
-                "overrides_version": int(at["overrides_version"]),
-            })
+        for alarm in whole.update(tail["residual"].to_numpy(dtype=float)):
+            record(tail, alarm, "all", consumed)
+        priced = tail[["trade_id", "closed_at", "overrides_version", "residual"]].reset_index().merge(
+            factors.drop_duplicates(), on="trade_id").sort_values("index", kind="stable")
+        for fid, rows in priced.groupby("latent_factor_id", sort=True):
+            monitor = by_factor.get(str(fid)) or ResidualDriftMonitor(FACTOR_DRIFT_CONFIG)
+            by_factor[str(fid)] = monitor
+            rows = rows.reset_index(drop=True)
+            for alarm in monitor.update(rows["residual"].to_numpy(dtype=float)):
+                record(rows, alarm, f"factor:{fid}", None)
     last_row = order.iloc[-1] if len(order) else None
+    state_text = json.dumps({"format": STATE_FORMAT, "whole": whole.to_state(),
+                             "factors": {fid: m.to_state() for fid, m in sorted(by_factor.items())}})
     state_row = pd.DataFrame([{
-        "state_json": monitor.to_state(), "n_seen": int(monitor.n_seen),
+        "state_json": state_text, "n_seen": int(whole.n_seen),
         "last_closed_at": None if last_row is None else last_row["closed_at"],
         "last_trade_id": None if last_row is None else str(last_row["trade_id"]),
-        "stream_digest": _stream_digest(order), "updated_at": pd.Timestamp.now(tz="UTC"),
+        "stream_digest": _stream_digest(order), "updated_at": now,
     }])
+    events.sort(key=lambda e: (pd.Timestamp(e["closed_at"]), e["trade_id"]))
     return events, state_row, note
 
 
@@ -196,15 +246,15 @@ def override_feedback(context: dg.AssetExecutionContext, config: FeedbackConfig,
                       store: StoreParam) -> dg.MaterializeResult:
     domain = partition_domain(context)
     as_of = _run_as_of(context)
-    scored, versions, coherence = _score(store, domain, as_of)
-    events, state_row, note = _monitor_stream(store, domain, scored)
+    scored, versions, coherence, factors = _score(store, domain, as_of)
+    events, state_row, note = _monitor_stream(store, domain, scored, factors)
     alarm_trades = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
     alarm_trades |= {e["trade_id"] for e in events}
     cycles = feedback_core.feedback_cycles(scored, config.cycle_size, coherence, alarm_trades)
     ids = store.write_feedback(domain, cycles.assign(cycle_size=config.cycle_size), pd.DataFrame(events),
                                state_row)
     for event_id, event in zip(ids, events):
-        context.log.warning(f"{domain}: drift alarm #{event_id} at trade {event['trade_id']} ({event['closed_at']}), "
+        context.log.warning(f"{domain}: drift alarm #{event_id} on stream {event['stream']} at trade {event['trade_id']} ({event['closed_at']}), "
                             f"{event['detector']} statistic {event['statistic']:.3g}: a re-learn is due")
     _notify(context, domain, [{**e, "id": i} for i, e in zip(ids, events)])
     metadata: dict[str, dg.MetadataValue] = {
