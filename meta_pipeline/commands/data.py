@@ -132,26 +132,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     instance = get_instance()
     print(f"store: {store.db_url}\nDagster home: {dagster_home()}")
     fleet = generate_fleet(FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed))
-    print(f"1/3 synthetic fleet: {args.domains} domains × {args.trades} trades, written as CSV and ingested")
+    print(f"1/4 synthetic fleet: {args.domains} domains × {args.trades} trades, written as CSV and ingested")
     domains = _load_fleet(store, fleet, data_dir() / "demo_files", "csv", register=True)
 
-    print("2/3 materializing every per-domain asset for every domain (domain_refresh_job)")
+    print(f"2/4 the closed loop on {domains[0]}: walk-forward replay every 10 days (overrides as of past times, "
+          "each scored on the trades after it)")
     failed = []
+    from meta_pipeline.commands.orchestration import load_defs, with_store
+    from meta_pipeline.defs.learning.replay import replay_domain, replay_grid
+
+    t = time.perf_counter()
+    closed = store.read("trades", domain=domains[0], columns=["closed_at"])["closed_at"]
+    replay = replay_domain(with_store(load_defs(), store).resolve_job_def("relearn_job"), instance, store, domains[0],
+                           replay_grid(closed, pd.Timedelta(days=10)))
+    print(f"  {domains[0]}: {'ok' if replay.success else 'FAILED'}: {len(replay.steps)} runs in "
+          f"{time.perf_counter() - t:.1f}s, {store.count('pm_overrides_versions', domains[0])} overrides versions")
+    if not replay.success:
+        failed.append(domains[0])
+
+    print("3/4 materializing every per-domain asset for every domain (domain_refresh_job)")
     for domain in domains:
         t = time.perf_counter()
-        result = run_domain_job(instance, domain)
+        result = run_domain_job(instance, domain, store)
         status = "ok" if result.success else "FAILED"
         print(f"  {domain}: {status} in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})")
         if not result.success:
             failed.append(domain)
-    print("3/3 cross-domain assets (fleet_refresh_job)")
-    fleet_result = run_fleet_job(instance)
+    print("4/4 cross-domain assets (fleet_refresh_job)")
+    fleet_result = run_fleet_job(instance, store)
     print(f"  fleet: {'ok' if fleet_result.success else 'FAILED'} (run {fleet_result.run_id[:8]})")
 
     print("\nSummary")
     for table_name in (
         "trades", "quarantine", "learning_lessons", "half_life_fits", "latent_factors",
-        "learning_regime_weights", "pm_overrides", "domain_priors", "global_prior",
+        "learning_regime_weights", "pm_overrides", "pm_overrides_versions", "feedback_cycles", "drift_events",
+        "domain_priors", "global_prior",
         "controller_state", "meta_decisions", "diagnostics", "meta_controller_config_proposals",
     ):
         try:
@@ -159,6 +174,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception as exc:  # pragma: no cover - summary only
             print(f"  {table_name:34s} unavailable ({exc})")
     _print_top_overrides(store, domains[0])
+    cycles = store.read("feedback_cycles", domain=domains[0], order_by="cycle")
+    if len(cycles):
+        print(f"\nFeedback cycles of {domains[0]} (realized outcomes vs the overrides that predicted them):")
+        with pd.option_context("display.width", 140):
+            print(cycles[["cycle", "overrides_version", "n", "rank_ic", "ic_t", "mz_slope", "alignment",
+                          "drift_alarm"]].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\ndone in {time.perf_counter() - started:.1f}s.")
     print("Open the UI:  make ui   (dagster dev on http://127.0.0.1:3000, same DAGSTER_HOME)")
     return 1 if failed or not fleet_result.success else 0
