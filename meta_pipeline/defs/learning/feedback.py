@@ -324,6 +324,9 @@ def no_unanswered_drift(context: dg.AssetCheckExecutionContext, store: StorePara
                                                    "overrides_version"]]) if len(pending) else "none"})
 
 
+# the jobs that re-learn a domain (a queued one of these answers a drift event when it runs)
+LEARNING_JOBS = frozenset({"relearn_job", "learning_on_new_trades_job", "domain_refresh_job", "learning_job"})
+
 relearn_job = dg.define_asset_job(
     "relearn_job",
     selection=dg.AssetSelection.groups("learning", GROUP),
@@ -339,8 +342,18 @@ def drift_sensor(context: dg.SensorEvaluationContext, store: StoreParam) -> dg.S
     the domain's newest pending event stands for its older ones (one pending re-learn per domain)."""
     pending = pending_drift_events(store)
     requests = []
+    waiting = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING}
     for domain, group in pending.groupby("domain", sort=True):
         newest = group.iloc[-1]
+        # one pending re-learn per domain: a learning run of this domain that has not started yet will
+        # learn after the detection (it reads drift_events when it runs) and so answers the event
+        queued = [r for r in context.instance.get_run_records(
+            dg.RunsFilter(statuses=list(waiting), tags={"dagster/partition": str(domain)}), limit=20)
+            if r.dagster_run.job_name in LEARNING_JOBS]
+        if queued:
+            context.log.info(f"{domain}: drift event(s) {group['id'].tolist()} wait for the queued run "
+                             f"{queued[0].dagster_run.run_id[:8]} ({queued[0].dagster_run.job_name})")
+            continue
         requests.append(dg.RunRequest(
             run_key=f"drift:{domain}:{int(newest['id'])}", partition_key=str(domain),
             tags={"meta_pipeline/drift_events": ",".join(str(i) for i in group["id"].tolist()[-20:])}))
