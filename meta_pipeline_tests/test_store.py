@@ -160,3 +160,12 @@ def test_long_source_tables_are_keyed_by_trade_and_name(any_store: MetaStore) ->
     with pytest.raises(Exception, match="(?i)unique|duplicate"):
         any_store.replace_partition("trade_patterns", "a", pd.concat([rows, rows.iloc[:1]]))
     assert any_store.read("trade_patterns", domain="a").empty  # the failed replace wrote nothing
+
+
+def test_nullable_integer_columns_insert_as_integers_on_both_databases(any_store) -> None:
+    """A nullable Int64 column (e.g. diagnostics.n) lands as integers; PostgreSQL's COPY refused '5117.0'."""
+    rows = pd.DataFrame({"section": ["s", "s"], "subject": ["a", "b"], "metric": ["m", "m"], "value": [1.0, 2.0],
+                         "n": pd.array([5117, None], dtype="Int64")})
+    any_store.replace_partition("diagnostics", "d", rows)
+    got = any_store.read("diagnostics", domain="d", order_by="subject")
+    assert got["n"].tolist()[0] == 5117 and pd.isna(got["n"].tolist()[1])

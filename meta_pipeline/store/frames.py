@@ -322,7 +322,9 @@ def _column_values(series: pd.Series, ctype: Any, dialect: str, may_be_missing: 
             return series.to_numpy().tolist()
         return [None if pd.isna(v) else bool(v) for v in series]
     if isinstance(ctype, Integer):
-        if series.dtype.kind in "iu":
+        # plain numpy ints only: a nullable Int64 column goes through numpy as floats (5117.0), which
+        # SQLite quietly stores as 5117 but PostgreSQL's COPY refuses for an integer column
+        if series.dtype.kind in "iu" and isinstance(series.dtype, np.dtype):
             return series.to_numpy().tolist()
         return [None if pd.isna(v) else int(v) for v in series]
     if isinstance(ctype, Float):
