@@ -7,11 +7,15 @@ quarantine frame, so the CLI and the inbox sensor share one path.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import datetime
 import hashlib
 import json
 import math
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from sqlalchemy import (
     Text,
 )
 
-from meta_pipeline.knobs import KNOB_NAMES
+from meta_pipeline.knobs import KNOB_NAMES, KNOBS
 
 # ---------------------------------------------------------------------------
 # Domain names
@@ -518,11 +522,59 @@ def parse_lesson_key(key: str) -> tuple[str, dict[str, str]]:
 # ---------------------------------------------------------------------------
 # Input files
 # ---------------------------------------------------------------------------
+#
+# Reading and validation are one rule for every file, on every backend:
+#
+# * a file is rejected whole (ContractError, the message names the file and says what is
+#   wrong) only when no row of it can be located: an empty file, a CSV whose header line
+#   is binary, JSON Lines without a single JSON object, a file that is not Parquet, a
+#   missing required column;
+# * anything else wrong spoils one row, never the file: a row with more or fewer fields
+#   than the header, bytes that are not UTF-8, an unclosed quote, a value of the wrong type,
+#   too long for its column or holding a NUL character. The row is quarantined with its
+#   physical line (1-based, the CSV header is line 1), every reason, and its raw text as
+#   JSON; the other rows land;
+# * what SQL would refuse (a value longer than its column, a NUL character, text that is not
+#   valid Unicode, a timestamp outside TIMESTAMP_MIN..TIMESTAMP_END) is refused here, so
+#   SQLite and PostgreSQL store and quarantine exactly the same rows.
 
 TRADE_REQUIRED = ("trade_id", "closed_at", "regime", "return_r", "patterns")
 DOMAIN_KINDS = ("trades", "telemetry")  # per domain: the inbox's folders, the domain source assets
 TASK_KINDS = ("feedback",)  # per task (see "Generic feedback" below)
 KINDS = (*DOMAIN_KINDS, *TASK_KINDS)  # every ingest kind: quarantine.kind and ingest_batches.kind
+INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet")
+
+# The lengths of the text a trade lands in, read from the tables above (never retyped):
+# validation quarantines a longer value on every backend (PostgreSQL would refuse it and
+# roll the whole file back; SQLite would store it).
+TRADE_ID_MAX = trades.c.trade_id.type.length  # 200
+REGIME_MAX = trades.c.regime.type.length  # 100
+STRATEGY_ID_MAX = trades.c.strategy_id.type.length  # 200
+PATTERN_MAX = trade_patterns.c.pattern.type.length  # 200
+SCOPE_KEY_MAX = trade_scope.c.key.type.length  # 100, a column header: see validate_trades
+SCOPE_VALUE_MAX = trade_scope.c.value.type.length  # 200
+METRIC_NAME_MAX = trade_metrics.c.metric.type.length  # 100, a column header: see validate_trades
+
+TIMESTAMP_MIN_YEAR, TIMESTAMP_MAX_YEAR = 1970, 2200
+TIMESTAMP_MIN = pd.Timestamp(f"{TIMESTAMP_MIN_YEAR}-01-01", tz="UTC")
+TIMESTAMP_END = pd.Timestamp(f"{TIMESTAMP_MAX_YEAR + 1}-01-01", tz="UTC")  # exclusive
+TIMESTAMP_RANGE = f"years {TIMESTAMP_MIN_YEAR}-{TIMESTAMP_MAX_YEAR}"
+TIMESTAMP_RANGE_DOC = """The one range rule for every timestamp of an input file (closed_at, ts).
+
+A timestamp is accepted when, converted to UTC, it falls in the years 1970 through 2200:
+``TIMESTAMP_MIN <= t < TIMESTAMP_END``. A value outside is quarantined as
+``<column> out of range (years 1970-2200)`` whatever the other rows of the file hold
+(pandas parses a column at nanosecond precision, whose range ends in 2262, only when some
+value of it has nanoseconds: the rule is checked on the text's year too, so a year-2300
+value is out of range with or without such a neighbour). Why these bounds: every backend
+stores them, they hold any real trade or engine tick, and a year outside them is a typo or
+a unit mistake (seconds read as years), not data.
+"""
+
+_TEXT_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)  # what pandas gives a CSV read with dtype=str
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")  # not Unicode text (a JSON "\ud800" escape): no database stores it
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")
+_YEAR_RE = re.compile(r"\s*([+-]?)(\d{4,})-")
 
 
 @dataclass
@@ -535,6 +587,8 @@ class TradesBatch:
     metrics: pd.DataFrame
     quarantine: pd.DataFrame
     n_rows: int = 0
+    ignored_columns: list[str] = field(default_factory=list)  # each "name" or "name (why)"
+    duplicates_in_file: int = 0  # rows superseded by a later row with the same trade_id
 
 
 @dataclass
@@ -543,65 +597,93 @@ class TelemetryBatch:
     quarantine: pd.DataFrame
     n_rows: int = 0
     ignored_columns: list[str] = field(default_factory=list)
+    duplicates_in_file: int = 0  # rows superseded by a later row with the same ts
+
+
+@dataclass(eq=False)
+class ReadNotes:
+    """What reading a file found besides its cells; travels with the raw frame as ``raw.attrs["read_notes"]``.
+
+    * ``row_problems``: row label -> (reason, the row's text as in the file): a row that was
+      located (it has a line) but cannot be read as the header says — more or fewer fields
+      than the header, bytes that are not UTF-8, an unclosed quote. Its cells are a best
+      effort; validation quarantines the row with this reason alone, raw_json
+      ``{"raw": <text>}``.
+    * ``line_errors``: (line, reason, text) of lines that are no row at all (JSON Lines: a
+      line that is not a JSON object).
+    * ``column_problems``: frame column -> why it cannot be used (a duplicate or empty
+      header name, a name that is not UTF-8): ignored, and reported as ignored.
+    * ``header_note``: said with a missing-column error (e.g. the header line is not UTF-8).
+    """
+
+    format: str = "frame"  # csv | jsonl | parquet | frame (built in code)
+    row_problems: dict = field(default_factory=dict)
+    line_errors: list = field(default_factory=list)
+    column_problems: dict = field(default_factory=dict)
+    header_note: str = ""
+
+    def __deepcopy__(self, memo: dict) -> "ReadNotes":
+        return self  # pandas deep-copies attrs on every operation: share the notes, never copy them
+
+
+def _read_notes(raw: pd.DataFrame) -> ReadNotes:
+    notes = raw.attrs.get("read_notes")
+    return notes if isinstance(notes, ReadNotes) else ReadNotes()
 
 
 def read_input_file(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """Read CSV / JSON Lines / Parquet into a raw frame of objects plus the 1-based file line of each row.
+    """Read CSV / JSON Lines / Parquet into a raw frame plus the 1-based physical file line of each row.
 
-    JSON Lines objects `scope` and `metrics` are flattened to `scope.<k>` / `metric.<k>`
-    columns, so both formats validate through one path.
+    CSV cells are text (a well-formed file through pyarrow's reader, anything else through
+    ``_read_csv_robust``, which locates every record); JSON Lines and Parquet values keep
+    their JSON / Parquet type (object columns), with the objects ``scope``, ``metrics`` and
+    ``knobs`` flattened to ``scope.<k>`` / ``metric.<k>`` / ``knob.<k>`` columns, so every
+    format validates through one path. What the reader found besides the cells (rows it
+    could not read, lines that are no row, unusable column names) is in
+    ``raw.attrs["read_notes"]`` (``ReadNotes``). A file with no locatable row raises
+    ContractError naming the file.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        raw = _read_csv_fast(path)
-        if raw is None:  # anything unusual: pandas' parser, whose behaviour is the reference
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], skip_blank_lines=True)
-        lines = np.arange(len(raw), dtype=np.int64) + 2  # header is line 1
-        return raw, lines
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        records: list[dict] = []
-        lines_list: list[int] = []
-        bad: list[tuple[int, str]] = []
-        with path.open("r", encoding="utf-8") as fh:
-            for lineno, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                    if not isinstance(obj, dict):
-                        raise ValueError("line is not a JSON object")
-                except ValueError as exc:
-                    bad.append((lineno, f"unparsable JSON: {exc}"))
-                    continue
-                records.append(_flatten_json_record(obj))
-                lines_list.append(lineno)
-        raw = pd.DataFrame.from_records(records) if records else pd.DataFrame()
-        raw.attrs["json_errors"] = bad
-        return raw, np.asarray(lines_list, dtype=np.int64)
-    if suffix == ".parquet":
-        try:
-            raw = pd.read_parquet(path)
-        except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
-            raise ContractError(f"{path.name}: reading Parquet needs pyarrow ({exc})") from exc
-        flat = [_flatten_json_record(r) for r in raw.to_dict(orient="records")]
-        return pd.DataFrame.from_records(flat), np.arange(len(raw), dtype=np.int64) + 1
-    raise ContractError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
+    if suffix not in INPUT_SUFFIXES:
+        raise ContractError(f"{path.name}: unsupported file type {suffix!r} (use .csv, .jsonl or .parquet)")
+    try:
+        if path.stat().st_size == 0:
+            raise ContractError(f"{path}: empty file (no header line, no rows)")
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix == ".parquet":
+            return _read_parquet(path)
+        return _read_json_lines(path)
+    except OSError as exc:
+        raise ContractError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+def _read_csv(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    raw = _read_csv_fast(path)
+    if raw is not None:
+        raw.attrs["read_notes"] = ReadNotes("csv")
+        return raw, np.arange(len(raw), dtype=np.int64) + 2  # one record per line, no blank line: header is line 1
+    return _read_csv_robust(path)
 
 
 def _read_csv_fast(path: Path) -> pd.DataFrame | None:
     """A well-formed CSV through pyarrow's multi-threaded reader, every cell as text.
 
-    Why: about 3x faster than pandas' parser on large files. It gives the same frame
-    as ``pd.read_csv(dtype=str, keep_default_na=False)`` for a regular file; for
-    anything it would treat differently (ragged rows, bad UTF-8, an empty file,
-    duplicate or empty header names) it fails or we return None, and the caller
-    falls back to pandas.
+    Why: about 3x faster than a parser in Python on large files. It gives the same frame
+    as ``pd.read_csv(dtype=str, keep_default_na=False)`` for a regular file. It is used only
+    when the file has exactly one physical line per record (so row i is line i + 2): for
+    anything else (ragged rows, bad UTF-8, an empty file, duplicate or empty header names,
+    blank lines, a quoted field over several lines, a lone carriage return) it fails or
+    we return None, and ``_read_csv_robust`` reads the file.
     """
     try:
         with open(path, "r", encoding="utf-8-sig", newline="") as fh:
             header = next(csv.reader(fh), None)
-        if not header:
+        if not header or any("\x00" in name for name in header) or header[0].lstrip().startswith(("{", "[")):
+            return None  # nothing to read, binary, or JSON: the robust reader says so
+        physical_lines, lone_cr = _csv_line_count(path)
+        if lone_cr:
             return None
         table = pa_csv.read_csv(
             path,
@@ -613,13 +695,404 @@ def _read_csv_fast(path: Path) -> pd.DataFrame | None:
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError, csv.Error, OSError):
         return None
+    if table.num_rows + 1 != physical_lines:  # a blank line, or a record over several lines
+        return None
     names = table.column_names
     if names != header or len(set(names)) != len(names) or any(n.strip() == "" for n in names):
         return None
     if any(not pa.types.is_string(t) for t in table.schema.types):
         return None
-    text_dtype = pd.StringDtype("pyarrow", na_value=np.nan)  # what pandas gives for dtype=str
-    return table.to_pandas(types_mapper=lambda t: text_dtype if pa.types.is_string(t) else None)
+    return table.to_pandas(types_mapper=lambda t: _TEXT_DTYPE if pa.types.is_string(t) else None)
+
+
+def _csv_line_count(path: Path) -> tuple[int, int]:
+    """(physical lines, lone carriage returns) of a file, read in chunks (no copy of the file in memory)."""
+    n_lf = n_cr = n_crlf = 0
+    prev_cr = False
+    last = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            n_lf += chunk.count(b"\n")
+            if b"\r" in chunk:
+                n_cr += chunk.count(b"\r")
+                n_crlf += chunk.count(b"\r\n")
+            if prev_cr and chunk[:1] == b"\n":
+                n_crlf += 1
+            prev_cr = chunk[-1:] == b"\r"
+            last = chunk[-1:]
+    return n_lf + (1 if last and last != b"\n" else 0), n_cr - n_crlf
+
+
+# Bad UTF-8: decoding with this handler records the byte offset of every invalid sequence.
+_BAD_UTF8 = threading.local()
+
+
+def _record_bad_utf8(exc: UnicodeDecodeError) -> tuple[str, int]:
+    _BAD_UTF8.offsets.append(exc.start)
+    return "\ufffd", exc.end
+
+
+codecs.register_error("meta_pipeline.record_bad_utf8", _record_bad_utf8)
+
+
+def _bad_utf8_offsets(data: bytes) -> np.ndarray:
+    """Byte offsets of the invalid UTF-8 sequences of ``data`` (empty when it is all UTF-8)."""
+    try:
+        data.decode("utf-8")
+        return np.empty(0, dtype=np.int64)
+    except UnicodeDecodeError:
+        pass
+    _BAD_UTF8.offsets = []
+    try:
+        data.decode("utf-8", "meta_pipeline.record_bad_utf8")
+        return np.asarray(_BAD_UTF8.offsets, dtype=np.int64)
+    finally:
+        _BAD_UTF8.offsets = None
+
+
+class _CsvLines:
+    """The physical lines of a CSV (split at LF; a CR before the LF is not content), measured once, vectorized."""
+
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data, self.offset = data, offset  # offset: bytes before ``data`` in the file (a BOM)
+        arr = np.frombuffer(data, dtype=np.uint8)
+        lf = np.flatnonzero(arr == 10)
+        starts = np.concatenate(([0], lf + 1)).astype(np.int64)
+        line_ends = np.concatenate((lf, [len(data)])).astype(np.int64)
+        if len(data) == 0 or data.endswith(b"\n"):  # nothing after the last LF: no line there
+            starts, line_ends = starts[:-1], line_ends[:-1]
+        trailing_cr = np.zeros(len(starts), dtype=bool)
+        nonempty = line_ends > starts
+        trailing_cr[nonempty] = arr[line_ends[nonempty] - 1] == 13
+        self.starts, self.line_ends, self.ends = starts, line_ends, line_ends - trailing_cr
+        self.n = len(starts)
+
+        def per_line(byte: int) -> np.ndarray:
+            pos = np.flatnonzero(arr == byte)
+            return np.searchsorted(pos, self.ends) - np.searchsorted(pos, starts)
+
+        self.commas, self.quotes, self.inner_cr = per_line(44), per_line(34), per_line(13)
+        self.blank = self.ends == starts
+        self.odd_quotes = np.flatnonzero(self.quotes % 2 == 1)
+        self.bad = np.zeros(self.n, dtype=bool)
+        self.first_bad: dict[int, int] = {}  # line index -> byte offset (in data) of its first invalid byte
+        bad = _bad_utf8_offsets(data)
+        if bad.size:
+            line_of = np.searchsorted(starts, bad, side="right") - 1
+            lines_hit, first = np.unique(line_of, return_index=True)
+            self.bad[lines_hit] = True
+            self.first_bad = dict(zip(lines_hit.tolist(), bad[first].tolist()))
+
+    def text(self, i: int, keep_cr: bool = False) -> str:
+        end = self.line_ends[i] if keep_cr else self.ends[i]
+        return self.data[self.starts[i]:end].decode("utf-8", "replace")
+
+    def raw_text(self, i: int, j: int) -> str:
+        """Lines i..j as in the file (bytes that are not UTF-8 shown as \\xNN)."""
+        return self.data[self.starts[i]:self.ends[j]].decode("utf-8", "backslashreplace")
+
+    def problem(self, i: int, j: int, fields: list[str], width: int | None) -> tuple[str, str] | None:
+        """Why the record on lines i..j cannot be read as the header says (None: it can)."""
+        if self.bad[i:j + 1].any():
+            line = i + int(np.argmax(self.bad[i:j + 1]))
+            return f"not UTF-8 at byte {self.offset + self.first_bad[line]}", self.raw_text(i, j)
+        if width is not None and len(fields) != width:
+            return (f"row has {len(fields)} field{'' if len(fields) == 1 else 's'}, header has {width}",
+                    self.raw_text(i, j))
+        return None
+
+
+_CSV_MAX_RECORD_LINES = 1000  # a quoted field may span this many lines; beyond, the quote is unclosed
+
+
+def _csv_fields(text: str, *, strict: bool) -> list[str]:
+    return next(csv.reader([text], strict=strict), [])
+
+
+def _csv_error(exc: csv.Error) -> str:
+    text = str(exc)
+    if "new-line character" in text:
+        return "unparsable CSV row: a carriage return inside an unquoted field"
+    return f"unparsable CSV row: {text}"
+
+
+def _parse_csv_record(lines: _CsvLines, i: int, width: int | None
+                      ) -> tuple[int, list[str] | None, tuple[str, str] | None]:
+    """The record starting on line i: (the line after it, its fields or None for a blank line, problem).
+
+    A quoted field may go on over the next lines (a newline inside a field is data), but
+    only when the joined lines parse as strict CSV with the header's number of fields:
+    a stray quote never swallows the rows after it — the line is then a bad row of its
+    own ("unclosed quote") and reading goes on with the next line.
+    """
+    text = lines.text(i)
+    if not text.strip():
+        return i + 1, None, None
+    if '"' not in text:
+        fields = text.split(",")
+        return i + 1, fields, lines.problem(i, i, fields, width)
+    try:
+        fields = _csv_fields(text, strict=True)
+        return i + 1, fields, lines.problem(i, i, fields, width)
+    except csv.Error as exc:
+        if "unexpected end of data" not in str(exc):  # e.g. text after a closing quote: read as pandas reads it
+            try:
+                fields = _csv_fields(text, strict=False)
+            except csv.Error as exc2:
+                return i + 1, [text], (_csv_error(exc2), lines.raw_text(i, i))
+            return i + 1, fields, lines.problem(i, i, fields, width)
+    j = i
+    while True:  # the field closes on a later line with an odd number of quotes
+        k = int(np.searchsorted(lines.odd_quotes, j, side="right"))
+        if k >= len(lines.odd_quotes) or int(lines.odd_quotes[k]) - i >= _CSV_MAX_RECORD_LINES:
+            break
+        j = int(lines.odd_quotes[k])
+        joined = "\n".join([lines.text(m, keep_cr=True) for m in range(i, j)] + [lines.text(j)])
+        try:
+            fields = _csv_fields(joined, strict=True)
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                continue
+            break
+        if width is None or len(fields) == width:
+            return j + 1, fields, lines.problem(i, j, fields, width)
+        break
+    try:
+        fields = _csv_fields(text, strict=False)
+    except csv.Error:
+        fields = [text]
+    problem = lines.problem(i, i, fields, None)
+    return i + 1, fields, problem or ("unclosed quote: a quoted field does not end on this line",
+                                      lines.raw_text(i, i))
+
+
+def _dedup_names(names: list[str]) -> list[str]:
+    """pandas' names for a header with repeated names: ``a, a`` -> ``a, a.1``."""
+    out = list(names)
+    counts: dict[str, int] = {}
+    for i, col in enumerate(out):
+        cur = counts.get(col, 0)
+        while cur > 0:
+            counts[col] = cur + 1
+            col = f"{col}.{cur}"
+            cur = counts.get(col, 0)
+        out[i] = col
+        counts[col] = cur + 1
+    return out
+
+
+def _read_csv_robust(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Any CSV, one record at a time where needed: every record located, with its physical line.
+
+    The lines of the file are measured at once (numpy over the bytes); a line that is UTF-8,
+    has no quote and the header's number of fields (the bulk of any file) is parsed by
+    pyarrow, the others here (``_parse_csv_record``). A record that cannot be read as the
+    header says is kept as a row with its problem (``ReadNotes.row_problems``): a missing
+    field is "" as in pandas, an extra one dropped. Rejected whole: no header line, a
+    binary (NUL) or unparsable header line, a first line that is JSON.
+    """
+    data = path.read_bytes()
+    offset = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    data = data[offset:]
+    if b"\n" not in data and b"\r" in data:  # classic Mac line ends: CR alone ends a line
+        data = data.replace(b"\r", b"\n")
+    lines = _CsvLines(data, offset)
+    h = 0
+    while h < lines.n and (lines.blank[h] or not lines.text(h).strip()):
+        h += 1
+    if h == lines.n:
+        raise ContractError(f"{path}: empty file (no header line, no rows)")
+    header_text = lines.text(h)
+    if "\x00" in header_text:
+        raise ContractError(f"{path}: not a CSV text file (binary data on line {h + 1}, the header line)")
+    if header_text.lstrip().startswith(("{", "[")):
+        raise ContractError(f"{path}: not CSV: line {h + 1} is JSON (JSON Lines files need a .jsonl suffix)")
+    after_header, header, problem = _parse_csv_record(lines, h, None)
+    header_bad_utf8 = bool(lines.bad[h:after_header].any())
+    if problem is not None and not header_bad_utf8:
+        raise ContractError(f"{path}: unreadable header line {h + 1}: {problem[0]}")
+    width = len(header)
+    column_problems: dict[str, str] = {}
+    not_utf8 = [False] * width
+    if header_bad_utf8:  # which names hold the bad bytes: the same fields, decoded keeping them visible
+        span = data[lines.starts[h]:lines.ends[after_header - 1]].decode("utf-8", "surrogateescape")
+        try:
+            escaped = _csv_fields(span, strict=False) if '"' in span else span.split(",")
+        except csv.Error:
+            escaped = []
+        if len(escaped) == width:
+            not_utf8 = [bool(_SURROGATE_RE.search(name)) for name in escaped]
+        else:
+            not_utf8 = ["\ufffd" in name for name in header]
+    named = [name if name != "" else f"Unnamed: {k}" for k, name in enumerate(header)]
+    names = _dedup_names(named)
+    for k, name in enumerate(names):
+        if header[k] == "":
+            column_problems[name] = "empty column name"
+        elif name != named[k]:
+            column_problems[name] = f"duplicate column name {named[k]!r}"
+        elif not_utf8[k]:
+            column_problems[name] = "name is not UTF-8"
+
+    simple = ~lines.blank & ~lines.bad & (lines.quotes == 0) & (lines.inner_cr == 0) & (lines.commas == width - 1)
+    simple[:after_header] = False
+    others = np.flatnonzero(~simple & ~lines.blank)
+    others = others[others >= after_header]
+    rec_lines: list[int] = []
+    rec_fields: list[list[str]] = []
+    rec_problems: dict[int, tuple[str, str]] = {}
+    last = after_header - 1
+    for i in others.tolist():
+        if i <= last:
+            continue
+        nxt, fields, problem = _parse_csv_record(lines, i, width)
+        last = nxt - 1
+        if fields is None:
+            continue
+        if last > i:
+            simple[i + 1:last + 1] = False  # lines inside a quoted field are part of this record
+        if problem is not None:
+            rec_problems[len(rec_fields)] = problem
+        rec_lines.append(i + 1)
+        rec_fields.append(fields)
+    simple_idx = np.flatnonzero(simple)
+
+    columns = [f"c{k}" for k in range(width)]
+    empty = pa.table({c: pa.array([], pa.string()) for c in columns})
+    plain = _simple_csv_lines(lines, simple_idx, columns) if len(simple_idx) else empty
+    others_table = (pa.table({c: pa.array([f[k] if k < len(f) else "" for f in rec_fields], pa.string())
+                              for k, c in enumerate(columns)}) if rec_fields else empty)
+    # file order: each record read here goes between the plain lines around it
+    rec_line_arr = np.asarray(rec_lines, dtype=np.int64)
+    cut = np.searchsorted(simple_idx + 1, rec_line_arr)  # plain rows before each such record
+    if len(rec_fields) <= 2000:
+        pieces, prev = [], 0
+        for k, c in enumerate(cut.tolist()):
+            pieces += [plain.slice(prev, c - prev), others_table.slice(k, 1)]
+            prev = c
+        pieces.append(plain.slice(prev))
+        table = pa.concat_tables(pieces)
+    else:
+        order = np.argsort(np.concatenate([simple_idx + 1, rec_line_arr]), kind="stable")
+        table = pa.concat_tables([plain, others_table]).take(pa.array(order))
+    final_position = cut + np.arange(len(rec_fields))  # record k lands after `cut[k]` plain rows and k records
+    all_lines = np.empty(len(simple_idx) + len(rec_fields), dtype=np.int64)
+    is_record = np.zeros(len(all_lines), dtype=bool)
+    is_record[final_position] = True
+    all_lines[final_position] = rec_line_arr
+    all_lines[~is_record] = simple_idx + 1
+    row_problems = {int(final_position[k]): p for k, p in rec_problems.items()}
+    raw = table.rename_columns(names).to_pandas(types_mapper=lambda t: _TEXT_DTYPE if pa.types.is_string(t) else None)
+    raw.attrs["read_notes"] = ReadNotes("csv", row_problems=row_problems, column_problems=column_problems,
+                                        header_note="the header line is not UTF-8 text" if header_bad_utf8 else "")
+    return raw, all_lines
+
+
+def _simple_csv_lines(lines: _CsvLines, idx: np.ndarray, columns: list[str]) -> pa.Table:
+    """Lines known to be plain (UTF-8, no quote, the header's number of fields) as a table of text.
+
+    Consecutive plain lines go to pyarrow as one span of the file's bytes (the others are few
+    in any file worth the speed), so a bad row costs its own line, not a slow path for all.
+    """
+    data = lines.data
+    if len(idx) >= 2000:
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        spans = [data[lines.starts[run[0]]:lines.line_ends[run[-1]]] for run in np.split(idx, breaks)]
+        try:
+            table = pa_csv.read_csv(
+                pa.BufferReader(b"\n".join(spans) + b"\n"),
+                read_options=pa_csv.ReadOptions(column_names=columns),
+                parse_options=pa_csv.ParseOptions(quote_char=False, ignore_empty_lines=False),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={c: pa.string() for c in columns}, strings_can_be_null=False,
+                    quoted_strings_can_be_null=False, null_values=[], auto_dict_encode=False),
+            )
+            if table.num_rows == len(idx):
+                return table
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
+    rows = [data[s:e].decode("utf-8").split(",") for s, e in zip(lines.starts[idx].tolist(), lines.ends[idx].tolist())]
+    return pa.table({c: pa.array([r[k] for r in rows], pa.string()) for k, c in enumerate(columns)})
+
+
+def _read_json_lines(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """JSON Lines: one JSON object per physical line (LF); blank lines skipped; a UTF-8 BOM ignored.
+
+    A line that is not UTF-8, not JSON or not an object is no row: it is quarantined
+    (``ReadNotes.line_errors``). A file without a single JSON object is rejected whole.
+    """
+    data = path.read_bytes()
+    offset = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    records: list[dict] = []
+    lines_list: list[int] = []
+    errors: list[tuple[int, str, str]] = []
+    start = offset
+    for lineno, chunk in enumerate(data[offset:].split(b"\n"), start=1):
+        line_start, start = start, start + len(chunk) + 1
+        if not chunk.strip():
+            continue
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.append((lineno, f"not UTF-8 at byte {line_start + exc.start}",
+                           chunk.rstrip(b"\r").decode("utf-8", "backslashreplace")))
+            continue
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            errors.append((lineno, f"unparsable JSON: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                           text.rstrip("\r")))
+            continue
+        if not isinstance(obj, dict):
+            errors.append((lineno, f"unparsable JSON: line is not a JSON object (a JSON {_json_type(obj)})",
+                           text.rstrip("\r")))
+            continue
+        records.append(_flatten_json_record(obj))
+        lines_list.append(lineno)
+    if not records:
+        if not errors:
+            raise ContractError(f"{path}: empty file (no JSON object, only blank lines)")
+        line, reason, _ = errors[0]
+        raise ContractError(f"{path}: not JSON Lines: no line is a JSON object (line {line}: {reason})")
+    # a key that is not Unicode text (a "\ud800" escape) cannot even name a column: shown escaped, ignored
+    column_problems = {}
+    bad_keys = {k for k in set().union(*records) if _SURROGATE_RE.search(k)}
+    if bad_keys:
+        renamed = {k: k.encode("utf-8", "backslashreplace").decode("utf-8") for k in bad_keys}
+        records = [{renamed.get(k, k): v for k, v in r.items()} for r in records]
+        column_problems = {name: "name is not valid Unicode text" for name in renamed.values()}
+    raw = pd.DataFrame(records, dtype=object)
+    raw.attrs["read_notes"] = ReadNotes("jsonl", line_errors=errors, column_problems=column_problems)
+    return raw, np.asarray(lines_list, dtype=np.int64)
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _read_parquet(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """Parquet: one row per record, row numbers from 1; nested scope/metrics/knobs flattened like JSON."""
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError as exc:  # pragma: no cover - pyarrow is a dependency
+        raise ContractError(f"{path.name}: reading Parquet needs pyarrow ({exc})") from exc
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the Parquet reader says, the file is not Parquet
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ContractError(f"{path}: not a readable Parquet file ({first[:300]})") from exc
+    flat = [_flatten_json_record(r) for r in frame.to_dict(orient="records")]
+    raw = pd.DataFrame(flat, dtype=object) if flat else pd.DataFrame(columns=list(frame.columns), dtype=object)
+    raw.attrs["read_notes"] = ReadNotes("parquet")
+    return raw, np.arange(len(raw), dtype=np.int64) + 1
 
 
 def _flatten_json_record(obj: dict) -> dict:
@@ -637,14 +1110,159 @@ def _flatten_json_record(obj: dict) -> dict:
     return out
 
 
-def _require_columns(raw: pd.DataFrame, required: tuple[str, ...], source: str) -> None:
+def _require_columns(raw: pd.DataFrame, required: tuple[str, ...], source: str,
+                     notes: ReadNotes | None = None) -> None:
     missing = [c for c in required if c not in raw.columns]
     if missing:
-        raise ContractError(f"{source}: missing required column(s): {', '.join(missing)}")
+        note = f" ({notes.header_note})" if notes is not None and notes.header_note else ""
+        raise ContractError(f"{source}: missing required column(s): {', '.join(missing)}{note}")
+
+
+# -- columns: which are used, which are ignored (and reported) -------------------------
+
+
+def _shown_name(name: object) -> str:
+    """A column name as it can be printed (control characters and bad bytes escaped), at most ~60 characters."""
+    text = name if isinstance(name, str) else repr(name)
+    shown = "".join(c if c.isprintable() and not _SURROGATE_RE.match(c) else c.encode("unicode_escape").decode("ascii")
+                    for c in text[:60])
+    return shown + (f"… ({len(text)} characters)" if len(text) > 60 else "")
+
+
+def _ignored(name: object, why: str = "") -> str:
+    return f"{_shown_name(name)} ({why})" if why else _shown_name(name)
+
+
+def _name_problem(name: str, what: str, limit: int | None) -> str:
+    """Why a name taken from a column header cannot be stored ("" = it can)."""
+    if name == "":
+        return f"empty {what}"
+    if _SURROGATE_RE.search(name):
+        return f"{what} is not valid Unicode text"
+    if _CONTROL_RE.search(name):
+        return f"{what} contains a control character" if "\x00" not in name else f"{what} contains a NUL character"
+    if limit is not None and len(name) > limit:
+        return f"{what} longer than {limit} characters"
+    return ""
+
+
+def _prefixed_columns(raw: pd.DataFrame, notes: ReadNotes, known: set[str], prefixes: dict[str, tuple[str, int | None]],
+                      json_objects: tuple[str, ...], unknown_why: Callable[[str], str] | None = None
+                      ) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The usable ``<prefix><name>`` columns per prefix ({prefix: {column: name}}) and the ignored columns.
+
+    A column is ignored (listed as "name" or "name (why)", never a reason to lose rows) when
+    the contract does not name it, its header name is unusable (``ReadNotes``), or the name
+    it gives (a scope key, a metric name...) could not be stored (``_name_problem``).
+    ``json_objects``: contract fields that are JSON objects (e.g. ``scope``); in a JSON or
+    Parquet file a value that is not an object is a bad row (the caller checks), in a CSV
+    such a column is just unknown.
+    """
+    usable: dict[str, dict[str, str]] = {p: {} for p in prefixes}
+    ignored: list[str] = []
+    for col in raw.columns:
+        if col in notes.column_problems:
+            ignored.append(_ignored(col, notes.column_problems[col]))
+            continue
+        if not isinstance(col, str):
+            ignored.append(_ignored(col, "not a text name"))
+            continue
+        if col in known or (col in json_objects and notes.format not in ("csv", "frame")):
+            continue
+        prefix = next((p for p in prefixes if col.startswith(p)), None)
+        if prefix is None:
+            why = _name_problem(col, "name", None)
+            why = why if why and why != "empty name" else (unknown_why(col) if unknown_why else "")
+            ignored.append(_ignored(col, why))
+            continue
+        what, limit = prefixes[prefix]
+        name = col[len(prefix):]
+        why = _name_problem(name, what, limit)
+        if why:
+            ignored.append(_ignored(col, why))
+        else:
+            usable[prefix][col] = name
+    return usable, ignored
+
+
+def _not_object_rows(raw: pd.DataFrame, notes: ReadNotes, column: str) -> np.ndarray:
+    """JSON / Parquet rows whose ``column`` (a contract object: scope, metrics, knobs...) holds something else."""
+    if column not in raw.columns or notes.format in ("csv", "frame"):
+        return np.zeros(len(raw), dtype=bool)
+    return np.array([not _missing(v) and not isinstance(v, dict) for v in raw[column].tolist()], dtype=bool)
+
+
+def _missing(value: object) -> bool:
+    return value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value))
+
+
+# -- cells: text, numbers, timestamps ----------------------------------------------------
+
+
+def _text_cells(series: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """A column as text (missing -> NA), plus the rows whose value is not text and those that are not Unicode text.
+
+    CSV cells are text already. JSON / Parquet values: strings as they are; numbers as
+    their text (``123`` -> ``"123"``); timestamps (Parquet) as ISO-8601; objects, arrays
+    and booleans are *not text* (the caller quarantines "<column> must be text"); a string
+    holding a lone surrogate (a JSON ``"\\ud800"`` escape) is not Unicode text.
+    """
+    n = len(series)
+    none = np.zeros(n, dtype=bool)
+    if isinstance(series.dtype, pd.StringDtype):
+        return series, none, none
+    if series.dtype != object:
+        return series.astype("string"), none, none  # numbers, times of a frame built in code: their text
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        try:
+            return series.astype(_TEXT_DTYPE), none, none
+        except UnicodeEncodeError:
+            pass
+    out: list[str | None] = []
+    not_text = np.zeros(n, dtype=bool)
+    not_unicode = np.zeros(n, dtype=bool)
+    for i, v in enumerate(series.tolist()):
+        if _missing(v):
+            out.append(None)
+        elif isinstance(v, str):
+            if _SURROGATE_RE.search(v):
+                not_unicode[i] = True
+                out.append(None)
+            else:
+                out.append(v)
+        elif isinstance(v, (bool, np.bool_)):
+            not_text[i] = True
+            out.append(None)
+        elif isinstance(v, (int, np.integer)):
+            out.append(str(int(v)))
+        elif isinstance(v, (float, np.floating)):
+            out.append(repr(float(v)))
+        elif isinstance(v, (pd.Timestamp, datetime.datetime, datetime.date)):
+            out.append(v.isoformat())
+        else:  # dict, list, array, bytes...
+            not_text[i] = True
+            out.append(None)
+    return pd.Series(out, index=series.index, dtype=_TEXT_DTYPE), not_text, not_unicode
+
+
+def _checked_text(raw: pd.DataFrame, col: str, reasons: pd.Series, *, limit: int | None,
+                  empty_reason: str | None = None) -> pa.Array:
+    """A text column stripped ("" for missing), with its row reasons: not text, not Unicode,
+    empty (when ``empty_reason``), a NUL character, longer than ``limit`` characters."""
+    cells, not_text, not_unicode = _text_cells(raw[col])
+    _add_reason(reasons, not_text, f"{col} must be text")
+    _add_reason(reasons, not_unicode, f"{col} is not valid Unicode text")
+    values = _stripped(cells)
+    if empty_reason:
+        _add_reason(reasons, _mask(pc.equal(values, "")) & ~not_text & ~not_unicode, empty_reason)
+    _add_reason(reasons, _mask(pc.match_substring(values, "\x00")), f"{col} contains a NUL character")
+    if limit is not None:
+        _add_reason(reasons, _mask(pc.greater(pc.utf8_length(values), limit)), f"{col} longer than {limit} characters")
+    return values
 
 
 def _to_float(series: pd.Series) -> pd.Series:
-    """Numbers as float64; empty or unparsable -> NaN (the caller decides whether that is a bad row)."""
+    """Text as float64; empty or unparsable -> NaN (the caller decides whether that is a bad row)."""
     if isinstance(series.dtype, pd.StringDtype) or series.dtype == object:
         try:  # a clean text column: arrow's (correctly rounded) parser, ~10x pandas' per-value path
             values = pc.utf8_trim_whitespace(_arrow_text(series))
@@ -655,32 +1273,156 @@ def _to_float(series: pd.Series) -> pd.Series:
     return pd.to_numeric(series.replace("", np.nan), errors="coerce").astype(float)
 
 
+def _number_cells(series: pd.Series, *, allow_bool: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A column as float64 (NaN: missing or not a number) and which cells hold a value at all.
+
+    Text is parsed as a number (``" 0.5 "``, ``"1e-3"``; empty = missing). A JSON / Parquet
+    boolean is *not* a number (``true`` is quarantined, never stored as 1.0) unless
+    ``allow_bool`` (a knob of kind bool); an object, an array, a string that is not a number
+    are not numbers either.
+    """
+    n = len(series)
+    if isinstance(series.dtype, pd.StringDtype):
+        return _to_float(series).to_numpy(), _mask(pc.not_equal(_stripped(series), ""))
+    if pd.api.types.is_bool_dtype(series.dtype):
+        values = series.to_numpy(dtype=float, na_value=np.nan) if allow_bool else np.full(n, np.nan)
+        return values, series.notna().to_numpy()
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        values = series.to_numpy(dtype=float, na_value=np.nan)
+        return values, ~np.isnan(values)
+    if series.dtype != object:  # times, categories...: not numbers
+        return np.full(n, np.nan), series.notna().to_numpy()
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+        try:
+            return _number_cells(series.astype(_TEXT_DTYPE))
+        except UnicodeEncodeError:
+            pass
+    values = np.full(n, np.nan)
+    given = np.zeros(n, dtype=bool)
+    text_pos: list[int] = []
+    texts: list[str] = []
+    for i, v in enumerate(series.tolist()):
+        if _missing(v):
+            continue
+        given[i] = True
+        if isinstance(v, (bool, np.bool_)):
+            if allow_bool:
+                values[i] = float(v)
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            try:
+                values[i] = float(v)
+            except OverflowError:
+                pass
+        elif isinstance(v, str) and not _SURROGATE_RE.search(v):
+            text_pos.append(i)
+            texts.append(v)
+    if texts:
+        parsed, present = _number_cells(pd.Series(texts, dtype=_TEXT_DTYPE))
+        values[text_pos] = parsed
+        given[text_pos] = present
+    return values, given
+
+
 def _to_utc(series: pd.Series) -> pd.Series:
     """ISO-8601 -> UTC; naive times are UTC; offsets are converted. Unparsable -> NaT."""
     text = series.astype("string").str.strip()
     return pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
 
 
-def _quarantine_frame(
-    kind: str, domain: str, source: str, lines: np.ndarray, reasons: pd.Series, raw: pd.DataFrame, mask: np.ndarray
-) -> pd.DataFrame:
+def _parse_timestamps(series: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
+    """(UTC timestamps, NaT where unusable; rows unparsable; rows out of range) — see ``TIMESTAMP_RANGE_DOC``.
+
+    The range is judged on each value alone: on the parsed time, and for a value pandas
+    could not represent (a year past 2262 next to a nanosecond value) on its text's year.
+    """
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        ts = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+        text = None
+    else:
+        text, _, _ = _text_cells(series)
+        ts = _to_utc(text)
+    nat = ts.isna().to_numpy()
+    out_of_range = np.zeros(len(ts), dtype=bool)
+    if (~nat).any():
+        out_of_range[~nat] = ((ts[~nat] < TIMESTAMP_MIN) | (ts[~nat] >= TIMESTAMP_END)).to_numpy()
+    if text is not None and nat.any():
+        values = text.to_numpy(dtype=object, na_value=None)
+        for pos in np.flatnonzero(nat).tolist():
+            m = _YEAR_RE.match(values[pos]) if isinstance(values[pos], str) else None
+            if m:
+                sign, digits = m.groups()
+                out_of_range[pos] = (sign == "-" or len(digits) > 4
+                                     or not TIMESTAMP_MIN_YEAR <= int(digits) <= TIMESTAMP_MAX_YEAR)
+    if out_of_range.any():
+        ts = ts.mask(pd.Series(out_of_range, index=ts.index))
+    return ts, nat & ~out_of_range, out_of_range
+
+
+def _timestamp_reasons(reasons: pd.Series, col: str, unparsable: np.ndarray, out_of_range: np.ndarray) -> None:
+    _add_reason(reasons, unparsable, f"unparsable {col}")
+    _add_reason(reasons, out_of_range, f"{col} out of range ({TIMESTAMP_RANGE})")
+
+
+# -- quarantine rows -----------------------------------------------------------------------
+
+
+def _jsonable(value: object) -> object:
+    """A raw value as JSON can hold it: missing and non-finite numbers -> null, arrays -> lists, times -> text."""
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (pd.Timestamp, datetime.datetime, datetime.date)):
+        return value.isoformat()
+    return str(value)
+
+
+def _raw_json(record: dict) -> str:
+    """The raw row as a JSON object (ASCII: every backend stores it as it is)."""
+    try:
+        return json.dumps({str(k): _jsonable(v) for k, v in record.items()}, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps({"raw": str(record)})
+
+
+_QUARANTINE_COLUMNS = ["domain", "kind", "source_file", "line", "reason", "raw_json"]
+
+
+def _quarantine_frame(kind: str, domain: str, source: str, lines: np.ndarray, reasons: pd.Series, raw: pd.DataFrame,
+                      mask: np.ndarray, notes: ReadNotes | None = None) -> pd.DataFrame:
     if not mask.any():
-        return pd.DataFrame(columns=["domain", "kind", "source_file", "line", "reason", "raw_json"])
-    bad_raw = raw.loc[mask]
+        return pd.DataFrame(columns=_QUARANTINE_COLUMNS)
+    positions = np.flatnonzero(mask)
+    problems = notes.row_problems if notes is not None else {}
+    raw_json = []
+    for label, record in zip(raw.index[positions].tolist(), raw.iloc[positions].to_dict(orient="records")):
+        problem = problems.get(label)
+        raw_json.append(json.dumps({"raw": problem[1]}) if problem else _raw_json(record))
     return pd.DataFrame(
         {
             "domain": domain,
             "kind": kind,
             "source_file": source,
-            "line": lines[mask].astype(int),
+            "line": np.asarray(lines)[mask].astype(int),
             "reason": reasons[mask].to_numpy(),
-            "raw_json": [json.dumps(r, default=str) for r in bad_raw.to_dict(orient="records")],
+            "raw_json": raw_json,
         }
     )
 
 
-def _json_error_rows(raw: pd.DataFrame, kind: str, domain: str, source: str) -> pd.DataFrame:
-    errors = raw.attrs.get("json_errors", [])
+def _line_error_rows(notes: ReadNotes, kind: str, domain: str, source: str) -> pd.DataFrame:
+    """Quarantine rows of the lines that are no row at all (JSON Lines: not a JSON object)."""
+    errors = notes.line_errors
     return pd.DataFrame(
         {
             "domain": domain,
@@ -688,9 +1430,37 @@ def _json_error_rows(raw: pd.DataFrame, kind: str, domain: str, source: str) -> 
             "source_file": source,
             "line": [e[0] for e in errors],
             "reason": [e[1] for e in errors],
-            "raw_json": None,
-        }
+            "raw_json": [json.dumps({"raw": e[2]}) for e in errors],
+        },
+        columns=_QUARANTINE_COLUMNS,
     )
+
+
+def _read_problem_rows(reasons: pd.Series, raw: pd.DataFrame, notes: ReadNotes) -> np.ndarray:
+    """The rows the reader could not read (``ReadNotes.row_problems``): their reason becomes that problem alone."""
+    problem = np.zeros(len(raw), dtype=bool)
+    if not notes.row_problems:
+        return problem
+    labels = [label for label in notes.row_problems if label in raw.index]
+    if not labels:
+        return problem
+    positions = raw.index.get_indexer(labels)
+    problem[positions] = True
+    reasons.iloc[positions] = [notes.row_problems[label][0] for label in labels]
+    return problem
+
+
+def _duplicated_last_among(keys: pa.Array | pd.Series, candidates: np.ndarray) -> np.ndarray:
+    """Rows (among ``candidates``) whose key appears again in a later candidate row: the later one wins."""
+    dup = np.zeros(len(candidates), dtype=bool)
+    idx = np.flatnonzero(candidates)
+    if len(idx) == 0:
+        return dup
+    if isinstance(keys, pd.Series):
+        dup[idx] = keys.iloc[idx].duplicated(keep="last").to_numpy()
+    else:
+        dup[idx] = _duplicated_keep_last(keys.take(pa.array(idx)) if len(idx) < len(keys) else keys)
+    return dup
 
 
 def _add_reason(reasons: pd.Series, mask: pd.Series | np.ndarray, text: str) -> None:
@@ -704,8 +1474,8 @@ def _add_reason(reasons: pd.Series, mask: pd.Series | np.ndarray, text: str) -> 
 def _arrow_text(series: pd.Series) -> pa.Array:
     """``series.astype("string")`` as one pyarrow string array (nulls kept).
 
-    Zero-copy for the text columns a CSV gives; JSON Lines values (numbers, None) go
-    through ``astype("string")`` exactly as before.
+    Zero-copy for the text columns a CSV gives; other columns go through
+    ``astype("string")`` exactly as before.
     """
     values = series.array
     if not (isinstance(series.dtype, pd.StringDtype) and series.dtype.storage == "pyarrow"):
@@ -763,21 +1533,33 @@ def _text_column(values: np.ndarray) -> pd.Series:
     return pd.Series(values, dtype=object)
 
 
-def _explode_patterns(series: pd.Series) -> pd.DataFrame:
+@dataclass
+class _Patterns:
+    """The patterns of a file's rows: one (row, pattern) per distinct stripped name, and the rows' problems."""
+
+    frame: pd.DataFrame  # row position, pattern
+    not_text: np.ndarray  # rows whose patterns are neither text nor a list of text
+    not_unicode: np.ndarray
+    too_long: np.ndarray  # rows with a name longer than PATTERN_MAX
+    nul: np.ndarray  # rows with a NUL character in a name
+
+
+def _explode_patterns(series: pd.Series) -> _Patterns:
     """'a|b' strings (CSV) or lists (JSON Lines) -> long frame (row position, pattern), vectorized.
 
     Names are stripped, empty names dropped, and a pattern repeated on one trade kept
     once: a pattern either fired on a trade or it did not.
     """
     values = series.reset_index(drop=True)
-    is_list = values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))) if values.dtype == object else None
-    if is_list is not None and is_list.any():
-        split = values.where(is_list, values[~is_list].astype("string").str.split("|"))
-        exploded = split.explode()
-        pattern = exploded.astype("string").str.strip()
-        keep = (pattern.notna() & (pattern != "")).to_numpy()
-        out = pd.DataFrame({"row": exploded.index.to_numpy()[keep], "pattern": pattern.to_numpy()[keep]})
-        return out.drop_duplicates(ignore_index=True)
+    n = len(values)
+    if values.dtype == object:
+        if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+            try:
+                values = values.astype(_TEXT_DTYPE)
+            except UnicodeEncodeError:
+                return _explode_pattern_objects(values)
+        else:
+            return _explode_pattern_objects(values)
     # text: split, flatten and strip in arrow (a Python str.split per row was most of validation)
     lists = pc.split_pattern(_arrow_text(values), "|")
     rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -788,7 +1570,52 @@ def _explode_patterns(series: pd.Series) -> pd.DataFrame:
     codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     uniques = np.array(enc.dictionary.to_pylist(), dtype=object)
     first = ~pd.Series(rows * max(len(uniques), 1) + codes).duplicated().to_numpy()
-    return pd.DataFrame({"row": rows[first], "pattern": _text_column(uniques[codes[first]])})
+    frame = pd.DataFrame({"row": rows[first], "pattern": _text_column(uniques[codes[first]])})
+    long_u = np.fromiter((len(u) > PATTERN_MAX for u in uniques), dtype=bool, count=len(uniques))
+    nul_u = np.fromiter(("\x00" in u for u in uniques), dtype=bool, count=len(uniques))
+    none = np.zeros(n, dtype=bool)
+    too_long, nul = none.copy(), none.copy()
+    too_long[rows[long_u[codes]]] = True
+    nul[rows[nul_u[codes]]] = True
+    return _Patterns(frame, none, none.copy(), too_long, nul)
+
+
+def _explode_pattern_objects(values: pd.Series) -> _Patterns:
+    """JSON / Parquet patterns, one row at a time: a "a|b" string or a list of names (not split on "|")."""
+    n = len(values)
+    not_text, not_unicode = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    too_long, nul = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    rows: list[int] = []
+    names: list[str] = []
+    for i, v in enumerate(values.tolist()):
+        if _missing(v):
+            continue
+        if isinstance(v, str):
+            items: list = v.split("|")
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            items = [x for x in list(v) if not _missing(x)]
+            if any(isinstance(x, (bool, np.bool_)) or not isinstance(x, (str, int, float, np.integer, np.floating))
+                   for x in items):
+                not_text[i] = True
+                continue
+            items = [x if isinstance(x, str) else str(x) for x in items]
+        else:
+            not_text[i] = True
+            continue
+        if any(_SURROGATE_RE.search(x) for x in items):
+            not_unicode[i] = True
+            continue
+        seen: set[str] = set()
+        for x in items:
+            x = x.strip()
+            if x and x not in seen:
+                seen.add(x)
+                rows.append(i)
+                names.append(x)
+                too_long[i] |= len(x) > PATTERN_MAX
+                nul[i] |= "\x00" in x
+    frame = pd.DataFrame({"row": np.asarray(rows, dtype=np.int64), "pattern": _text_column(np.array(names, dtype=object))})
+    return _Patterns(frame, not_text, not_unicode, too_long, nul)
 
 
 def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TradesBatch:
@@ -797,51 +1624,81 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     Bad rows go to the quarantine frame with their line and every reason; good rows
     become the four source-table frames. A missing required column raises ContractError.
     Text columns of the frames are object arrays of Python str.
+
+    Row reasons, besides the contract's (empty trade_id, unparsable closed_at, ...): a row
+    the reader could not read (``ReadNotes.row_problems``: its reason alone), a value
+    that is not text (``regime must be text``: a JSON object, array or boolean), not a
+    number (a JSON ``true`` in ``return_r`` or a metric), a NUL character, a value longer
+    than its column (``TRADE_ID_MAX``, ``REGIME_MAX``, ``STRATEGY_ID_MAX``, ``PATTERN_MAX``,
+    ``SCOPE_VALUE_MAX``: the lengths of the tables), a timestamp out of
+    ``TIMESTAMP_MIN``..``TIMESTAMP_END``, and in JSON / Parquet a ``scope`` or ``metrics``
+    that is not an object.
+
+    Columns: a scope key or metric name comes from a column header, so a bad one (longer
+    than ``SCOPE_KEY_MAX`` / ``METRIC_NAME_MAX``, empty, with a NUL or control character,
+    not Unicode) would spoil every row: that *column* is ignored and reported
+    (``ignored_columns``, e.g. ``"scope.xxx… (scope key longer than 100 characters)"``), the
+    rows keep their other values. Columns the contract does not name, duplicate and empty
+    header names are ignored and reported the same way.
+
+    A trade id repeated in the file keeps its last row (like a re-ingest); the earlier rows
+    are quarantined ("repeated later") and counted in ``duplicates_in_file``. A row the
+    reader could not read takes no part in this (its id is not trustworthy).
     """
     validate_domain(domain)
-    json_bad = _json_error_rows(raw, "trades", domain, source)
-    if raw.empty and not json_bad.empty:
-        return TradesBatch(*(_empty_trades_frames()), quarantine=json_bad, n_rows=len(json_bad))
-    _require_columns(raw, TRADE_REQUIRED, source)
+    notes = _read_notes(raw)
+    line_bad = _line_error_rows(notes, "trades", domain, source)
+    if raw.empty and not line_bad.empty:
+        return TradesBatch(*(_empty_trades_frames()), quarantine=line_bad, n_rows=len(line_bad))
+    _require_columns(raw, TRADE_REQUIRED, source, notes)
     n = len(raw)
+    lines = np.asarray(lines)
     reasons = pd.Series([""] * n, index=raw.index, dtype=object)
+    usable, ignored = _prefixed_columns(
+        raw, notes, {*TRADE_REQUIRED, "strategy_id"},
+        {"scope.": ("scope key", SCOPE_KEY_MAX), "metric.": ("metric name", METRIC_NAME_MAX)},
+        json_objects=("scope", "metrics"))
 
-    trade_id = _stripped(raw["trade_id"])
+    trade_id = _checked_text(raw, "trade_id", reasons, limit=TRADE_ID_MAX, empty_reason="empty trade_id")
     id_empty = _mask(pc.equal(trade_id, ""))
-    _add_reason(reasons, id_empty, "empty trade_id")
-    _add_reason(reasons, _mask(pc.greater(pc.utf8_length(trade_id), 200)), "trade_id longer than 200 characters")
-    closed_at = _to_utc(raw["closed_at"])
-    _add_reason(reasons, closed_at.isna(), f"unparsable closed_at")
-    regime = _stripped(raw["regime"])
-    _add_reason(reasons, _mask(pc.equal(regime, "")), "empty regime")
-    return_r = _to_float(raw["return_r"])
-    _add_reason(reasons, ~np.isfinite(return_r.to_numpy()), "return_r is not a finite number")
-    patterns = _explode_patterns(raw["patterns"])
+    closed_at, unparsable, out_of_range = _parse_timestamps(raw["closed_at"])
+    _timestamp_reasons(reasons, "closed_at", unparsable, out_of_range)
+    regime = _checked_text(raw, "regime", reasons, limit=REGIME_MAX, empty_reason="empty regime")
+    return_r, _ = _number_cells(raw["return_r"])
+    _add_reason(reasons, ~np.isfinite(return_r), "return_r is not a finite number")
+    exploded = _explode_patterns(raw["patterns"])
+    patterns = exploded.frame
+    _add_reason(reasons, exploded.not_text, "patterns must be text or a list of text")
+    _add_reason(reasons, exploded.not_unicode, "patterns is not valid Unicode text")
     patterns_per_row = np.bincount(patterns["row"].to_numpy(dtype=np.int64), minlength=n)
-    _add_reason(reasons, patterns_per_row == 0, "empty patterns")
+    _add_reason(reasons, (patterns_per_row == 0) & ~exploded.not_text & ~exploded.not_unicode, "empty patterns")
+    _add_reason(reasons, exploded.nul, "patterns contains a NUL character")
+    _add_reason(reasons, exploded.too_long, f"pattern longer than {PATTERN_MAX} characters")
     if "strategy_id" in raw.columns:
-        strategy = _stripped(raw["strategy_id"])
+        strategy = _checked_text(raw, "strategy_id", reasons, limit=STRATEGY_ID_MAX)
         strategy = pc.if_else(pc.equal(strategy, ""), "default", strategy)
     else:
         strategy = pa.repeat("default", n)
+    for obj in ("scope", "metrics"):
+        _add_reason(reasons, _not_object_rows(raw, notes, obj), f"{obj} must be a JSON object")
 
-    metric_cols = [c for c in raw.columns if c.startswith("metric.") and len(c) > len("metric.")]
+    scope_values = {col: _checked_text(raw, col, reasons, limit=SCOPE_VALUE_MAX) for col in usable["scope."]}
     metric_values = {}
-    for col in metric_cols:
-        values = _to_float(raw[col])
-        given = _mask(pc.not_equal(_stripped(raw[col]), ""))
-        _add_reason(reasons, given & ~np.isfinite(values.to_numpy()), f"{col} is not a finite number")
-        metric_values[col[len("metric.") :]] = values
+    for col, name in usable["metric."].items():
+        values, given = _number_cells(raw[col])
+        _add_reason(reasons, given & ~np.isfinite(values), f"{col} is not a finite number")
+        metric_values[name] = values
 
     # a trade id appearing twice in one file: the last one wins, like a re-ingest
-    dup = _duplicated_keep_last(trade_id) & ~id_empty
+    problem = _read_problem_rows(reasons, raw, notes)
+    dup = _duplicated_last_among(trade_id, ~id_empty & ~problem)
     _add_reason(reasons, dup, "trade_id repeated later in the same file (later row kept)")
 
     bad = (reasons != "").to_numpy()
     good = ~bad
     good_rows = np.flatnonzero(good)
     quarantine_rows = pd.concat(
-        [json_bad, _quarantine_frame("trades", domain, source, lines, reasons, raw, bad)], ignore_index=True
+        [line_bad, _quarantine_frame("trades", domain, source, lines, reasons, raw, bad, notes)], ignore_index=True
     )
 
     take_good = pa.array(good_rows)
@@ -853,7 +1710,7 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
             "closed_at": closed_at.array[good],
             "regime": _text_column(_interned(regime.take(take_good))),
             "strategy_id": _text_column(_interned(strategy.take(take_good))),
-            "return_r": return_r.to_numpy()[good],
+            "return_r": return_r[good],
             "source_file": _constant_text(source, len(good_rows)),
         }
     )
@@ -875,15 +1732,15 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
         rank_by_row[pattern_rows],
     )
     scope_parts, scope_ranks = [], []
-    for col in (c for c in raw.columns if c.startswith("scope.") and len(c) > len("scope.")):
-        values = _stripped(raw[col]).take(take_good)
+    for col, key in usable["scope."].items():
+        values = scope_values[col].take(take_good)
         keep = _mask(pc.not_equal(values, ""))
         if keep.any():
             kept = int(keep.sum())
             scope_parts.append(
                 pd.DataFrame({"domain": _constant_text(domain, kept),
                               "trade_id": _text_column(ids[keep]),
-                              "key": _constant_text(col[len("scope.") :], kept),
+                              "key": _constant_text(key, kept),
                               "value": _text_column(_interned(values.filter(pa.array(keep))))})
             )
             scope_ranks.append(trade_rank[keep])
@@ -894,7 +1751,7 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     )
     metric_parts, metric_ranks = [], []
     for name, values in metric_values.items():
-        v = values.to_numpy()[good]
+        v = values[good]
         keep = np.isfinite(v)
         if keep.any():
             kept = int(keep.sum())
@@ -908,7 +1765,8 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
         if metric_parts
         else pd.DataFrame(columns=["domain", "trade_id", "metric", "value"])
     )
-    return TradesBatch(trades_df, pattern_df, scope_df, metrics_df, quarantine_rows, n_rows=n + len(json_bad))
+    return TradesBatch(trades_df, pattern_df, scope_df, metrics_df, quarantine_rows, n_rows=n + len(line_bad),
+                       ignored_columns=ignored, duplicates_in_file=int(dup.sum()))
 
 
 def _empty_trades_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -925,27 +1783,6 @@ def _empty_trades_frames() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd
 # ---------------------------------------------------------------------------
 
 
-def _telemetry_float(series: pd.Series) -> np.ndarray:
-    """A telemetry column as floats; empty or unparsable -> NaN (a numeric column is taken as it is)."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
-        return series.to_numpy(dtype=float, na_value=np.nan)
-    return _to_float(series).to_numpy()
-
-
-def _telemetry_ts(series: pd.Series) -> pd.Series:
-    """``ts`` as UTC timestamps (naive = UTC); unparsable -> NaT."""
-    if pd.api.types.is_datetime64_any_dtype(series.dtype):
-        return series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
-    return _to_utc(series)
-
-
-def _reported(series: pd.Series) -> np.ndarray:
-    """Which cells hold a value (an empty or missing knob cell means "not reported")."""
-    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
-        return series.notna().to_numpy()
-    return (series.astype("string").fillna("").str.strip() != "").to_numpy()
-
-
 @dataclass
 class TelemetryRows:
     """Telemetry rows parsed and checked once (``check_telemetry_rows``).
@@ -956,7 +1793,7 @@ class TelemetryRows:
     the first one.
     """
 
-    ts: pd.Series  # UTC, NaT where unparsable
+    ts: pd.Series  # UTC, NaT where unparsable or out of range
     outcomes: dict[str, np.ndarray]  # TELEMETRY_OUTCOMES as floats
     knobs: dict[str, np.ndarray]  # knob name -> values (NaN = not reported), for knobs that have a column
     knob_columns: dict[str, str]  # knob name -> the column it was read from
@@ -980,10 +1817,12 @@ class TelemetryRows:
 def check_telemetry_rows(frame: pd.DataFrame, *, file_layout: bool = False) -> TelemetryRows:
     """Parse and check telemetry rows (TELEMETRY_REQUIRED columns must be present).
 
-    Checks: ``ts`` parseable; each outcome a finite number within TELEMETRY_BOUNDS; each
-    knob cell empty (not reported) or a finite number. Knob columns: the store layout
-    ``knob_<name>`` or the file layout ``knob.<name>`` (``knob_column``); with
-    ``file_layout`` only ``knob.<name>`` (an input file's contract: other columns are ignored).
+    Checks: ``ts`` parseable and within the timestamp range (``TIMESTAMP_RANGE_DOC``);
+    each outcome a finite number within TELEMETRY_BOUNDS; each knob cell empty (not
+    reported) or a finite number (a JSON boolean is a number only for a knob of kind
+    bool: ``true`` = 1). Knob columns: the store layout ``knob_<name>`` or the file layout
+    ``knob.<name>`` (``knob_column``); with ``file_layout`` only ``knob.<name>`` (an input
+    file's contract: other columns are ignored).
     """
     problems: list[tuple[str, str, np.ndarray]] = []
 
@@ -992,11 +1831,12 @@ def check_telemetry_rows(frame: pd.DataFrame, *, file_layout: bool = False) -> T
         if mask.any():
             problems.append((column, reason, mask))
 
-    ts = _telemetry_ts(frame["ts"])
-    check("ts", "unparsable ts", ts.isna().to_numpy())
+    ts, unparsable, out_of_range = _parse_timestamps(frame["ts"])
+    check("ts", "unparsable ts", unparsable)
+    check("ts", f"ts out of range ({TIMESTAMP_RANGE})", out_of_range)
     outcomes: dict[str, np.ndarray] = {}
     for col in TELEMETRY_OUTCOMES:
-        values = _telemetry_float(frame[col])
+        values, _ = _number_cells(frame[col])
         finite = np.isfinite(values)
         check(col, f"{col} is not a finite number", ~finite)
         lo, hi = TELEMETRY_BOUNDS.get(col, (-math.inf, math.inf))
@@ -1009,8 +1849,8 @@ def check_telemetry_rows(frame: pd.DataFrame, *, file_layout: bool = False) -> T
         col = f"knob.{name}" if file_layout else knob_column(frame, name)
         if col is None or col not in frame.columns:
             continue
-        values = _telemetry_float(frame[col])
-        check(col, f"{col} is not a finite number", _reported(frame[col]) & ~np.isfinite(values))
+        values, given = _number_cells(frame[col], allow_bool=KNOBS[name].kind == "bool")
+        check(col, f"{col} is not a finite number", given & ~np.isfinite(values))
         knobs[name], knob_columns[name] = values, col
     return TelemetryRows(ts, outcomes, knobs, knob_columns, problems)
 
@@ -1022,18 +1862,28 @@ def telemetry_row_problems(frame: pd.DataFrame, *, file_layout: bool = False) ->
 
 def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TelemetryBatch:
     """Validate a raw telemetry frame; same quarantine rules as trades (the row checks:
-    ``check_telemetry_rows``, plus a ts repeated later in the file)."""
+    ``check_telemetry_rows``, plus a row the reader could not read, a JSON ``knobs`` that is
+    not an object, and a ts repeated later in the file: the later row is kept, the earlier
+    ones quarantined and counted in ``duplicates_in_file``). Columns other than
+    TELEMETRY_REQUIRED and ``knob.<name>`` of a knob are ignored and reported."""
     validate_domain(domain)
-    json_bad = _json_error_rows(raw, "telemetry", domain, source)
+    notes = _read_notes(raw)
+    line_bad = _line_error_rows(notes, "telemetry", domain, source)
     cols = ["domain", *TELEMETRY_STORE_COLUMNS, "source_file"]
-    if raw.empty and not json_bad.empty:
-        return TelemetryBatch(pd.DataFrame(columns=cols), json_bad, n_rows=len(json_bad))
-    _require_columns(raw, TELEMETRY_REQUIRED, source)
+    if raw.empty and not line_bad.empty:
+        return TelemetryBatch(pd.DataFrame(columns=cols), line_bad, n_rows=len(line_bad))
+    _require_columns(raw, TELEMETRY_REQUIRED, source, notes)
     n = len(raw)
+    lines = np.asarray(lines)
+    _, ignored = _prefixed_columns(raw, notes, {*TELEMETRY_REQUIRED, *(f"knob.{k}" for k in KNOB_NAMES)}, {},
+                                   json_objects=("knobs",),
+                                   unknown_why=lambda c: "not a knob" if c.startswith("knob.") else "")
     checked = check_telemetry_rows(raw, file_layout=True)
     reasons = checked.reasons(raw.index)
+    _add_reason(reasons, _not_object_rows(raw, notes, "knobs"), "knobs must be a JSON object")
     ts = checked.ts
-    dup = ts.duplicated(keep="last") & ts.notna()
+    problem = _read_problem_rows(reasons, raw, notes)
+    dup = _duplicated_last_among(ts, ts.notna().to_numpy() & ~problem)
     _add_reason(reasons, dup, "ts repeated later in the same file (later row kept)")
     bad = (reasons != "").to_numpy()
     good = ~bad
@@ -1043,11 +1893,11 @@ def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, sou
     for name, col in zip(KNOB_NAMES, TELEMETRY_KNOB_COLUMNS):
         frame[col] = checked.knobs[name][good] if name in checked.knobs else np.full(int(good.sum()), np.nan)
     frame["source_file"] = source
-    ignored = [c for c in raw.columns if c.startswith("knob.") and c[5:] not in KNOB_NAMES]
     quarantine_rows = pd.concat(
-        [json_bad, _quarantine_frame("telemetry", domain, source, lines, reasons, raw, bad)], ignore_index=True
+        [line_bad, _quarantine_frame("telemetry", domain, source, lines, reasons, raw, bad, notes)], ignore_index=True
     )
-    return TelemetryBatch(frame, quarantine_rows, n_rows=n + len(json_bad), ignored_columns=ignored)
+    return TelemetryBatch(frame, quarantine_rows, n_rows=n + len(line_bad), ignored_columns=ignored,
+                          duplicates_in_file=int(dup.sum()))
 
 
 # ---------------------------------------------------------------------------
@@ -1149,6 +1999,8 @@ class FeedbackBatch:
     feedback: pd.DataFrame
     quarantine: pd.DataFrame
     n_rows: int = 0
+    ignored_columns: list[str] = field(default_factory=list)
+    duplicates_in_file: int = 0  # rows superseded by a later row with the same (ts, input)
 
 
 def feedback_ids(ts: pd.Series, inputs: pd.Series) -> np.ndarray:
@@ -1174,28 +2026,32 @@ def _feedback_text(series: pd.Series) -> pd.Series:
                 return json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)
             if isinstance(v, np.ndarray):
                 return json.dumps(v.tolist(), sort_keys=True, ensure_ascii=False, default=str)
-            if isinstance(v, bool):
+            if isinstance(v, (bool, np.bool_)):
                 return "true" if v else "false"
             return str(v)
 
-        values = series.map(one)
-    else:
-        values = series.astype("string").fillna("")
-    return values.astype(str).str.strip().astype(object)
+        # Python str throughout: a lone surrogate (a JSON "\ud800" escape) must reach the
+        # caller's check, not break an arrow conversion
+        return pd.Series([one(v).strip() for v in series.tolist()], index=series.index, dtype=object)
+    return series.astype("string").fillna("").str.strip().astype(object)
 
 
-def _metadata_objects(raw: pd.DataFrame, reasons: pd.Series) -> list[str | None]:
+def _metadata_objects(raw: pd.DataFrame, reasons: pd.Series, notes: ReadNotes | None = None) -> list[str | None]:
     """Per row, ``metadata.<key>`` columns (CSV) and/or a JSON object ``metadata`` as one JSON text (None: empty).
 
     An empty ``metadata.<key>`` cell means "no such key"; a ``metadata`` value that is not
-    an object is a bad row.
+    an object, or whose text is not valid Unicode (a JSON "\ud800" escape), is a bad row.
+    Columns with an unusable header name (``ReadNotes.column_problems``) are left out.
     """
-    cols = [c for c in raw.columns if c.startswith("metadata.") and len(c) > len("metadata.")]
+    unusable = notes.column_problems if notes is not None else {}
+    cols = [c for c in raw.columns if isinstance(c, str) and c.startswith("metadata.") and len(c) > len("metadata.")
+            and c not in unusable and not _name_problem(c, "name", None)]
     whole = raw["metadata"] if "metadata" in raw.columns else None
     if not cols and whole is None:
         return [None] * len(raw)
     out: list[str | None] = []
     not_object = np.zeros(len(raw), dtype=bool)
+    not_unicode = np.zeros(len(raw), dtype=bool)
     col_values = {c[len("metadata."):]: raw[c].tolist() for c in cols}
     whole_values = whole.tolist() if whole is not None else [None] * len(raw)
     for i in range(len(raw)):
@@ -1210,8 +2066,13 @@ def _metadata_objects(raw: pd.DataFrame, reasons: pd.Series) -> list[str | None]
             if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
                 continue
             meta[key] = v.strip() if isinstance(v, str) else v
-        out.append(json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str) if meta else None)
+        text = json.dumps(_jsonable(meta), sort_keys=True, ensure_ascii=False) if meta else None
+        if text is not None and _SURROGATE_RE.search(text):
+            not_unicode[i] = True
+            text = None
+        out.append(text)
     _add_reason(reasons, not_object, "metadata is not a JSON object")
+    _add_reason(reasons, not_unicode, "metadata is not valid Unicode text")
     return out
 
 
@@ -1221,56 +2082,72 @@ def validate_feedback(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
     Columns: ``ts`` (ISO-8601, no offset = UTC), ``input``, ``output`` (text; JSON values
     that are objects or arrays are kept as canonical JSON text; surrounding whitespace is
     stripped), ``score`` (a finite number in [0, 1]), optional ``model_version`` (text,
-    ≤ 200 characters; empty = not given) and ``metadata.<key>`` columns (CSV) / a
-    ``metadata`` object (JSON Lines), stored together as ``metadata_json``. Other columns
-    are ignored. Row reasons: unparsable ts, empty input, empty output, score not a finite
-    number, score outside [0, 1], model_version too long, a NUL character in input or
-    output (SQL text cannot hold it), metadata that is not an object, and the same
-    (ts, input) repeated later in the file (the later row is kept, like a re-ingest). A
-    missing required column raises ContractError. The quarantine rows have kind
-    ``feedback`` and the task in their ``domain`` column.
+    ≤ 200 characters — the column's length; empty = not given) and ``metadata.<key>``
+    columns (CSV) / a ``metadata`` object (JSON Lines), stored together as
+    ``metadata_json``. Other columns are ignored and reported (``ignored_columns``). Row
+    reasons: unparsable ts, ts out of range (``TIMESTAMP_RANGE_DOC``), empty input, empty
+    output, score not a finite number (a JSON boolean is not a number), score outside
+    [0, 1], model_version too long, a NUL character in input, output or model_version (SQL
+    text cannot hold it), text that is not valid Unicode, metadata that is not an object, a
+    row the reader could not read (``ReadNotes``), and the same (ts, input) repeated later
+    in the file (the later row is kept, like a re-ingest; counted in
+    ``duplicates_in_file``). A missing required column raises ContractError. The
+    quarantine rows have kind ``feedback`` and the task in their ``domain`` column.
     """
     validate_task(task)
-    json_bad = _json_error_rows(raw, "feedback", task, source)
+    notes = _read_notes(raw)
+    line_bad = _line_error_rows(notes, "feedback", task, source)
     cols = list(FEEDBACK_STORE_COLUMNS)
-    if raw.empty and not json_bad.empty:
-        return FeedbackBatch(pd.DataFrame(columns=cols), json_bad, n_rows=len(json_bad))
-    _require_columns(raw, FEEDBACK_REQUIRED, source)
+    if raw.empty and not line_bad.empty:
+        return FeedbackBatch(pd.DataFrame(columns=cols), line_bad, n_rows=len(line_bad))
+    _require_columns(raw, FEEDBACK_REQUIRED, source, notes)
     n = len(raw)
+    lines = np.asarray(lines)
     reasons = pd.Series([""] * n, index=raw.index, dtype=object)
+    _, ignored = _prefixed_columns(raw, notes, {*FEEDBACK_REQUIRED, "model_version", "metadata"},
+                                   {"metadata.": ("metadata key", None)}, json_objects=())
+    version_max = feedback.c.model_version.type.length
 
-    ts = _telemetry_ts(raw["ts"])
-    _add_reason(reasons, ts.isna().to_numpy(), "unparsable ts")
+    ts, unparsable, out_of_range = _parse_timestamps(raw["ts"])
+    _timestamp_reasons(reasons, "ts", unparsable, out_of_range)
     inputs = _feedback_text(raw["input"])
     outputs = _feedback_text(raw["output"])
-    _add_reason(reasons, (inputs == "").to_numpy(), "empty input")
-    _add_reason(reasons, (outputs == "").to_numpy(), "empty output")
-    _add_reason(reasons, inputs.str.contains("\x00", regex=False).to_numpy(dtype=bool), "input contains a NUL character")
-    _add_reason(reasons, outputs.str.contains("\x00", regex=False).to_numpy(dtype=bool),
-                "output contains a NUL character")
-    score = _telemetry_float(raw["score"])
+    for col, values in (("input", inputs), ("output", outputs)):
+        not_unicode = values.str.contains(_SURROGATE_RE.pattern, regex=True).to_numpy(dtype=bool)
+        _add_reason(reasons, (values == "").to_numpy(), f"empty {col}")
+        _add_reason(reasons, values.str.contains("\x00", regex=False).to_numpy(dtype=bool),
+                    f"{col} contains a NUL character")
+        _add_reason(reasons, not_unicode, f"{col} is not valid Unicode text")
+        values[not_unicode] = ""  # never handed to the database
+    score, _ = _number_cells(raw["score"])
     finite = np.isfinite(score)
     _add_reason(reasons, ~finite, "score is not a finite number")
     with np.errstate(invalid="ignore"):
         _add_reason(reasons, finite & ((score < 0.0) | (score > 1.0)), "score outside [0, 1]")
     if "model_version" in raw.columns:
         version = _feedback_text(raw["model_version"])
-        _add_reason(reasons, (version.str.len() > MODEL_VERSION_MAX).to_numpy(),
-                    f"model_version longer than {MODEL_VERSION_MAX} characters")
+        not_unicode = version.str.contains(_SURROGATE_RE.pattern, regex=True).to_numpy(dtype=bool)
+        _add_reason(reasons, (version.str.len() > version_max).to_numpy(),
+                    f"model_version longer than {version_max} characters")
+        _add_reason(reasons, version.str.contains("\x00", regex=False).to_numpy(dtype=bool),
+                    "model_version contains a NUL character")
+        _add_reason(reasons, not_unicode, "model_version is not valid Unicode text")
+        version[not_unicode] = ""
         version = version.where(version != "", None)
     else:
         version = pd.Series([None] * n, index=raw.index, dtype=object)
-    meta = _metadata_objects(raw, reasons)
+    meta = _metadata_objects(raw, reasons, notes)
 
     # the same (ts, input) twice in one file: the last one wins, like a re-ingest
+    problem = _read_problem_rows(reasons, raw, notes)
     keys = ts.astype(str) + "\n" + inputs
-    dup = keys.duplicated(keep="last").to_numpy() & ts.notna().to_numpy()
+    dup = _duplicated_last_among(keys, ts.notna().to_numpy() & ~problem)
     _add_reason(reasons, dup, "(ts, input) repeated later in the same file (later row kept)")
 
     bad = (reasons != "").to_numpy()
     good = ~bad
     quarantine_rows = pd.concat(
-        [json_bad, _quarantine_frame("feedback", task, source, lines, reasons, raw, bad)], ignore_index=True
+        [line_bad, _quarantine_frame("feedback", task, source, lines, reasons, raw, bad, notes)], ignore_index=True
     )
     good_ts = ts[good].reset_index(drop=True)
     good_inputs = inputs[good].reset_index(drop=True)
@@ -1285,4 +2162,5 @@ def validate_feedback(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
         "metadata_json": pd.Series(np.array(meta, dtype=object)[good], dtype=object),
         "source_file": _constant_text(source, int(good.sum())),
     })
-    return FeedbackBatch(frame[cols], quarantine_rows, n_rows=n + len(json_bad))
+    return FeedbackBatch(frame[cols], quarantine_rows, n_rows=n + len(line_bad), ignored_columns=ignored,
+                         duplicates_in_file=int(dup.sum()))

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from meta_pipeline.lab.bench import TIER_CHOICES, BenchError, BenchOptions, render_console, run_bench
+from meta_pipeline.commands.errors import UserError, abs_path, command
+from meta_pipeline.lab.bench import TIER_CHOICES, BenchOptions, render_console, run_bench
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,22 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+@command
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeat < 1:
-        print("error: --repeat must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError(None, f"--repeat must be at least 1 (got {args.repeat})")
+    if args.trades is not None and any(n < 1 for n in args.trades):
+        raise UserError(None, f"--trades: every size must be at least 1 (got {' '.join(map(str, args.trades))})")
+    # absolute before use: the bench starts worker processes and a DAGSTER_HOME under --out in other folders
+    out = abs_path(args.out)
     opts = BenchOptions(repeat=args.repeat, seed=args.seed, naive_budget_s=args.naive_budget,
                         dagster=not args.no_dagster, fleet=not args.no_fleet, keep_data=args.keep_data)
     command = "meta-pipeline " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("meta-pipeline") else None
     progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-    try:
-        result = run_bench(args.tier, args.out, opts, sizes=args.trades, command=command, progress=progress)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = run_bench(args.tier, out, opts, sizes=args.trades, command=command, progress=progress)  # BenchError: exit 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(render_console(result))
-        print(f"\nreport: {args.out}/report.md, {args.out}/report.json, plot {args.out}/scaling.png")
+        print(f"\nreport: {out}/report.md, {out}/report.json, plot {out}/scaling.png")
     return 0

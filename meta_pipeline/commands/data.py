@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from meta_pipeline.commands.errors import UserError, abs_path, check_input_file, command, open_store
 from meta_pipeline.contracts import KINDS, TASK_KINDS, ContractError, validate_domain, validate_task
 from meta_pipeline.ingest import ingest_file
-from meta_pipeline.paths import data_dir, dagster_home, default_db_url
+from meta_pipeline.paths import dagster_home, data_dir
 from meta_pipeline.store import MetaStore
 
 
 def _store(args: argparse.Namespace) -> MetaStore:
-    return MetaStore(db_url=args.db_url or default_db_url())
+    """The store of --db-url / META_PIPELINE_DB_URL / data/meta.db, reached (or one error line)."""
+    return open_store(args)
 
 
 def _add_db(p: argparse.ArgumentParser) -> None:
@@ -28,13 +29,15 @@ def _add_db(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------
 
 
+@command
 def cmd_synth(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_fleet_files
 
     cfg = FleetConfig(n_domains=args.domains, n_trades=args.trades, seed=args.seed,
                       outlier_domain=args.outlier, domain_prefix=args.prefix, break_at_days=args.break_at_days)
+    out = abs_path(args.out)
+    store = _store(args) if args.load else None  # a bad --db-url fails before the fleet is generated
     fleet = generate_fleet(cfg)
-    out = Path(args.out)
     if args.inbox:
         # the inbox layout: <inbox>/<domain>/<kind>/<file>, picked up by the inbox sensor
         for name, data in fleet.domains.items():
@@ -45,8 +48,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     else:
         write_fleet_files(fleet, out, fmt=args.format)
     print(f"wrote {len(fleet.domains)} domains ({args.trades} trades each, training window only) to {out}")
-    if args.load:
-        store = _store(args)
+    if store is not None:
         _load_fleet(store, fleet, out, args.format, register=True)
     return 0
 
@@ -89,18 +91,15 @@ def _ingest_target(args: argparse.Namespace) -> str:
     return validate_domain(args.domain)
 
 
+@command
 def cmd_ingest(args: argparse.Namespace) -> int:
-    try:
-        target = _ingest_target(args)
-    except ContractError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    target = _ingest_target(args)
+    path = check_input_file(abs_path(args.file))
     store = _store(args)
     try:
-        report = ingest_file(store, args.kind, args.file, target)
+        report = ingest_file(store, args.kind, path, target)
     except ContractError as exc:
-        print(f"error: rejected {args.file}: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"rejected {path}", str(exc), "fix the file and ingest it again") from exc
     print(report.summary())
     if not args.no_dagster:
         from meta_pipeline.commands.orchestration import get_instance, register_domains, register_tasks, report_ingest
@@ -113,8 +112,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"registered new domain partition {target!r} in Dagster ({dagster_home()})")
         report_ingest(instance, report)
     if not report.ok:
-        print("error: nothing could be ingested from this file (see quarantine reasons above)", file=sys.stderr)
-        return 1
+        raise UserError(str(path), "nothing could be ingested from this file (see the quarantine reasons above)",
+                        "fix the rows and ingest it again", code=1)
     return 0
 
 
@@ -123,6 +122,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
+@command
 def cmd_demo(args: argparse.Namespace) -> int:
     from meta_pipeline.commands.orchestration import get_instance, run_domain_job, run_fleet_job
     from meta_pipeline.lab.synth import FleetConfig, generate_fleet
@@ -200,24 +200,31 @@ def _print_top_overrides(store: MetaStore, domain: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+@command
 def cmd_backfill(args: argparse.Namespace) -> int:
     from meta_pipeline.commands.orchestration import get_instance, run_domain_job, run_fleet_job
 
+    if args.webserver:
+        from meta_pipeline.commands.graphql import graphql_client
+
+        graphql_client(args.webserver)  # a malformed URL fails before the instance is loaded
+    store = None if args.webserver else _store(args)  # a bad --db-url fails before any run
     instance = get_instance()
     known = instance.get_dynamic_partitions("domain")
     domains = args.domains or known
     unknown = sorted(set(domains) - set(known))
     if unknown:
-        print(f"error: unknown domain partition(s): {', '.join(unknown)} (known: {', '.join(known) or 'none'})",
-              file=sys.stderr)
-        return 2
+        raise UserError("--domains", f"unknown domain partition(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(known) or 'none'})", "ingest their data first, or check the names")
     if args.webserver:
         from meta_pipeline.commands.graphql import launch_partition_backfill
 
+        if not domains:
+            raise UserError(None, f"no domain partitions in Dagster ({dagster_home()}) to backfill",
+                            "ingest some data first (meta-pipeline ingest / demo), or name them with --domains")
         backfill_id = launch_partition_backfill(args.webserver, domains)
         print(f"launched backfill {backfill_id} over {len(domains)} domain(s); the daemon runs one run per domain")
         return 0
-    store = _store(args)
     failed = 0
     for domain in domains:
         result = run_domain_job(instance, domain, store)

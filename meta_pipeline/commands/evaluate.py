@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from meta_pipeline.commands.errors import UserError, abs_path, command
+
 
 def _closed_loop(args: argparse.Namespace, progress) -> int:
     """The closed loop's figures: the drift monitor's bench and the planted-break fleets (lab)."""
@@ -17,7 +19,7 @@ def _closed_loop(args: argparse.Namespace, progress) -> int:
     from meta_pipeline.lab.evaluate import jsonable
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # an OSError names --out (cli.py)
     results: dict = {}
     text: list[str] = []
     if args.section in ("drift", "closed-loop"):
@@ -38,18 +40,16 @@ def _closed_loop(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+@command
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from meta_pipeline.lab.evaluate import EvaluationConfig, jsonable, format_table, run_evaluation
+    from meta_pipeline.lab.evaluate import EvaluationConfig, format_table, jsonable, run_evaluation
 
     if args.seeds < 1:
-        print("error: --seeds must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError(None, f"--seeds must be at least 1 (got {args.seeds})")
+    args.out = str(abs_path(args.out))
     if args.section != "learn-to-learn":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _closed_loop(args, progress)
-    if args.seeds < 1:
-        print("error: --seeds must be at least 1", file=sys.stderr)
-        return 2
     reptile_kwargs = {} if args.reptile_iterations is None else {"n_meta_iterations": args.reptile_iterations}
     config = EvaluationConfig(
         seeds=args.seeds,
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="learn-to-learn benchmark: warm start, negative transfer, retention, adaptation time, Reptile check",
         description=(
             "Simulated fleets with planted truth. --section learn-to-learn (default): planted knob optima; "
-            "prints one table (mean [95%% CI] over seeds, target, met) and saves evaluate.png / evaluate.json in "
+            "prints one table (mean [95% CI] over seeds, target, met) and saves evaluate.png / evaluate.json in "
             "--out. --section drift: the drift monitor's false-alarm rate and delays by simulation, River side by "
             "side. --section closed-loop: drift plus fleets with a planted break (detection delay, false alarms, "
             "re-learned vs stale vs plain re-fit vs oracle overrides); --seeds fleets."

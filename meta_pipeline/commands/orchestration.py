@@ -6,12 +6,16 @@ registered here shows up in the UI and in `dagster asset materialize --partition
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dagster as dg
 
+from meta_pipeline.commands.errors import UserError
 from meta_pipeline.contracts import validate_domain, validate_task
+from meta_pipeline.defs.resources import STORE_KEY, StoreResource, domain_partitions, task_partitions
 from meta_pipeline.ingest import IngestReport
 from meta_pipeline.paths import ensure_dagster_home
-from meta_pipeline.defs.resources import STORE_KEY, StoreResource, domain_partitions, task_partitions
 from meta_pipeline.store import MetaStore
 
 DOMAIN_JOB = "domain_refresh_job"
@@ -20,8 +24,22 @@ QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}
 FLEET_JOB = "fleet_refresh_job"
 
 
+def absolute_dagster_home() -> None:
+    """A relative DAGSTER_HOME made absolute (against the cwd now): DagsterInstance refuses a relative one,
+    and every process the CLI starts must find the same folder."""
+    env = os.environ.get("DAGSTER_HOME")
+    if env and not Path(env).is_absolute():
+        os.environ["DAGSTER_HOME"] = str(Path(os.path.expanduser(env)).resolve())
+
+
 def get_instance() -> dg.DagsterInstance:
-    ensure_dagster_home()
+    absolute_dagster_home()
+    try:
+        home = ensure_dagster_home()
+    except OSError as exc:
+        raise UserError(f"DAGSTER_HOME {os.environ.get('DAGSTER_HOME') or exc.filename}",
+                        f"cannot create it ({exc.strerror or exc})", "point DAGSTER_HOME at a writable folder") from exc
+    os.environ["DAGSTER_HOME"] = str(Path(home).resolve())
     return dg.DagsterInstance.get()
 
 

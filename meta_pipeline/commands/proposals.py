@@ -1,7 +1,9 @@
 """`meta-pipeline proposals list|show|approve|reject|apply|revert`: review config proposals.
 
 The same lifecycle functions as the `review_proposal` job in the UI; an illegal
-transition prints why and exits 1.
+transition (or a proposal that does not exist) prints why and exits 1; a bad argument
+(`--by` empty, over 200 characters or with a control character; an unknown `--status`)
+exits 2. Errors go through the CLI's one error path (commands/errors.py).
 """
 
 from __future__ import annotations
@@ -9,29 +11,36 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import sys
 
 import pandas as pd
 
+from meta_pipeline.commands.errors import UserError, check_free_text, command, open_store
 from meta_pipeline.governance import lifecycle
-from meta_pipeline.paths import default_db_url
 from meta_pipeline.store import MetaStore
+
+ACTOR_MAX = 200  # reviewed_by / applied_by / config_change_log.actor: String(200) on every backend
+PROPOSAL_ID_MAX = 100  # proposal_id: String(100)
 
 
 def _store(args: argparse.Namespace) -> MetaStore:
-    return MetaStore(db_url=args.db_url or default_db_url())
+    return open_store(args)
+
+
+def _proposal_id(args: argparse.Namespace) -> str:
+    return check_free_text(args.proposal_id, "PROPOSAL_ID", PROPOSAL_ID_MAX)
 
 
 def _when(value: object) -> str:
     return "-" if value is None or pd.isna(value) else pd.Timestamp(value).strftime("%Y-%m-%d %H:%M UTC")
 
 
+@command
 def cmd_list(args: argparse.Namespace) -> int:
-    try:
-        frame = lifecycle.list_proposals(_store(args), args.status)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.status is not None and args.status.strip().upper() not in lifecycle.STATUSES:
+        raise UserError(f"--status {args.status!r}", "unknown status",
+                        f"use one of {', '.join(s.lower() for s in lifecycle.STATUSES)}")
+    status = args.status.strip() if args.status is not None else None
+    frame = lifecycle.list_proposals(_store(args), status)
     if frame.empty:
         print("no proposals" + (f" with status {args.status.upper()}" if args.status else ""))
         return 0
@@ -51,12 +60,9 @@ def _pretty_json(text: str) -> str:
         return str(text)
 
 
+@command
 def cmd_show(args: argparse.Namespace) -> int:
-    try:
-        p = lifecycle.get_proposal(_store(args), args.proposal_id)
-    except lifecycle.ProposalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    p = lifecycle.get_proposal(_store(args), _proposal_id(args))  # ProposalError: exit 1 (cli.py)
     evidence = json.loads(p["evidence_json"])
     print(f"Proposal {p['proposal_id']} — {p['target_type']} {p['target_id']}")
     print(f"  status      {p['status']} (since {_when(p['status_changed_at'])})"
@@ -100,15 +106,20 @@ def _login_name() -> str:
         return "unknown"
 
 
+@command
 def cmd_transition(args: argparse.Namespace) -> int:
+    if args.by is not None:
+        actor = check_free_text(args.by, "--by", ACTOR_MAX)
+    else:
+        actor = check_free_text(_login_name(), "the login name (give --by NAME)", ACTOR_MAX)
+    proposal_id = _proposal_id(args)
+    store = _store(args)
     try:
-        result = lifecycle.transition(_store(args), args.proposal_id, args.action, args.by or _login_name())
-    except lifecycle.ProposalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        result = lifecycle.transition(store, proposal_id, args.action, actor)
+    except lifecycle.ProposalError:
+        raise  # an illegal transition: exit 1 (cli.py)
+    except ValueError as exc:  # the lifecycle's argument checks (e.g. the reserved actor)
+        raise UserError(f"--by {actor!r}" if "actor" in str(exc) else None, str(exc)) from exc
     print(result.summary())
     return 0
 
@@ -137,6 +148,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          ("revert", "APPLIED -> REVERTED: restores the snapshot as a new configs version")):
         p = sub.add_parser(action, help=text)
         p.add_argument("proposal_id")
-        p.add_argument("--by", default=None, help="who is acting, recorded in the change log (default: your login name)")
+        p.add_argument("--by", default=None, help="who is acting, recorded in the change log: at most 200 characters on one line "
+                            "(default: your login name)")
         common(p)
         p.set_defaults(func=cmd_transition, action=action)

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import pandas as pd
 
+from meta_pipeline.commands.errors import UserError, command, open_store
 from meta_pipeline.contracts import ContractError, validate_domain
-from meta_pipeline.paths import default_db_url
-from meta_pipeline.store import MetaStore
 
 
 def _duration(text: str) -> pd.Timedelta:
     try:
-        value = pd.Timedelta(text)
-    except ValueError as exc:
+        with warnings.catch_warnings():  # pandas deprecates the unit "d" for "D"; both mean days here
+            warnings.simplefilter("ignore")
+            value = pd.Timedelta(text)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ContractError(f"--every {text!r}: not a duration (e.g. 7d, 12h, 1w)") from exc
     if value <= pd.Timedelta(0):
         raise ContractError(f"--every {text!r}: must be positive")
     return value
 
 
+@command
 def cmd_replay(args: argparse.Namespace) -> int:
     from meta_pipeline.commands.orchestration import get_instance, load_defs, register_domains, with_store
     from meta_pipeline.defs.learning.replay import replay_domain, replay_grid
@@ -29,18 +32,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     domain = validate_domain(args.domain)
     every = _duration(args.every)
     warmup = _duration(args.warmup)
-    store = MetaStore(db_url=args.db_url or default_db_url())
-    trades = store.read("trades", domain=domain, columns=["closed_at"])
-    if trades.empty:
-        print(f"error: domain {domain!r} has no trades in {store.db_url} (ingest them first)", file=sys.stderr)
-        return 2
     start = None
     if args.start:
         try:
             start = pd.Timestamp(args.start)
-        except ValueError as exc:
-            raise ContractError(f"--start {args.start!r}: not an ISO-8601 time") from exc
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ContractError(f"--start {args.start!r}: not an ISO-8601 time (e.g. 2026-06-01T00:00:00Z)") from exc
+        if pd.isna(start):
+            raise ContractError(f"--start {args.start!r}: not a time (e.g. 2026-06-01T00:00:00Z)")
         start = start.tz_localize("UTC") if start.tzinfo is None else start.tz_convert("UTC")
+    store = open_store(args)
+    trades = store.read("trades", domain=domain, columns=["closed_at"])
+    if trades.empty:
+        raise UserError(f"--domain {domain}", f"no trades in {store.db_url}", "ingest them first (meta-pipeline ingest)")
     grid = replay_grid(trades["closed_at"], every, start, warmup)
     print(f"{domain}: {len(trades)} trades from {trades['closed_at'].min()} to {trades['closed_at'].max()}; "
           f"{len(grid)} walk-forward step(s) every {every}, then one on all the data", file=sys.stderr)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
-from meta_pipeline.contracts import ContractError, validate_domain
+from meta_pipeline.commands.errors import UserError, command, open_store
+from meta_pipeline.contracts import validate_domain
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_simulate)
 
 
+@command
 def cmd_simulate(args: argparse.Namespace) -> int:
     if args.evaluate:
         return _evaluate(args)
@@ -131,8 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.simulate import evaluate_controller
 
     if args.seeds < 1:
-        print("error: --seeds must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError(None, f"--seeds must be at least 1 (got {args.seeds})")
     result = evaluate_controller(seeds=range(args.seeds), n_domains=args.eval_domains, n_decisions=args.decisions,
                                  include_tpe=not args.no_tpe)
     if args.json:
@@ -159,23 +159,18 @@ def _live(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from meta_pipeline.lab.simulate import run_live_fleet
-    from meta_pipeline.paths import default_db_url
-    from meta_pipeline.store import MetaStore
 
     if args.domain_names:
         names = [n.strip() for n in args.domain_names.split(",") if n.strip()]
     else:
         names = [f"sim{i}" for i in range(args.domains)]
-    try:
-        for name in names:
-            validate_domain(name)
-    except ContractError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not names or args.ticks < 1:
-        print("error: need at least one domain and one tick", file=sys.stderr)
-        return 2
-    store = MetaStore(db_url=args.db_url or default_db_url())
+    for name in names:
+        validate_domain(name)  # ContractError: one line, exit 2 (cli.py)
+    if not names:
+        raise UserError("--domains/--domain-names", "no domain", "give at least one")
+    if args.ticks < 1:
+        raise UserError(None, f"--ticks must be at least 1 (got {args.ticks})")
+    store = open_store(args)
     instance = None
     if not args.no_register or args.drive:
         import dagster as dg

@@ -14,6 +14,13 @@ overrides) do the knobs in effect decide: ``store.knobs_in_effect(domain)``, the
 rule the learning assets use (an applied META_KNOBS config the controller has not
 adopted yet, else controller_state, else the defaults). ``result.attrs["knobs"]`` and
 ``result.attrs["knobs_source"]`` say which knobs were used and where they came from.
+
+Honest answers: a domain the store knows nothing about (no trades, overrides, overrides
+versions, regime weights, telemetry or controller state) raises :class:`UnknownDomainError`
+instead of predicting 0 for every trade; a known domain without overrides still predicts
+(the regime term, or 0) and says so in ``result.attrs["n_overrides"]`` /
+``result.attrs["regime_term"]``. A file that cannot be read at all (not UTF-8, empty, not
+the format its extension says) raises ContractError naming it.
 """
 
 from __future__ import annotations
@@ -34,7 +41,39 @@ from meta_pipeline.contracts import (
 )
 from meta_pipeline.learning.overrides import OverrideModel
 
-__all__ = ["override_model", "predict_file", "predict_trades"]
+__all__ = ["UnknownDomainError", "override_model", "predict_file", "predict_trades"]
+
+# Tables whose rows make a domain known to the store (any one is enough).
+DOMAIN_EVIDENCE = ("trades", "pm_overrides", "pm_overrides_versions", "learning_regime_weights", "telemetry",
+                   "controller_state")
+
+
+class UnknownDomainError(ContractError):
+    """The store has no row of the domain at all: predicting for it would be 0 for every trade."""
+
+    def __init__(self, domain: str, where: str, known: list[str]) -> None:
+        self.domain, self.where, self.known = domain, where, known
+        shown = ", ".join(known[:10]) + (f", … ({len(known)} in all)" if len(known) > 10 else "")
+        super().__init__(f"domain {domain!r} is unknown in {where}: no trades, overrides or overrides versions "
+                         f"(known: {shown or 'none'})")
+
+
+def _shown_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def check_known_domain(store: Any, domain: str) -> None:
+    """UnknownDomainError unless some table of the store has a row of `domain`."""
+    for table_name in DOMAIN_EVIDENCE:
+        if store.count(table_name, domain):
+            return
+    known = sorted(set(store.domains("trades")) | set(store.domains("pm_overrides")))
+    raise UnknownDomainError(domain, _shown_url(str(getattr(store, "db_url", store))), known)
 
 
 def version_in_effect(store: Any, domain: str, as_of: pd.Timestamp) -> int:
@@ -60,6 +99,8 @@ def override_model(store_or_frames: Any, domain: str, *, version: int | None = N
     exactly: its rows, the regime weights and the knobs it was built with (store only).
     """
     validate_domain(domain)
+    if not isinstance(store_or_frames, Mapping):
+        check_known_domain(store_or_frames, domain)
     if version is not None or as_of is not None:
         if isinstance(store_or_frames, Mapping):
             raise ValueError("a past version needs a store, not frames")
@@ -88,11 +129,45 @@ def override_model(store_or_frames: Any, domain: str, *, version: int | None = N
     )
 
 
+def _read(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """contracts.read_input_file, with a file it cannot read at all as a ContractError naming it
+    (OSErrors — missing, a directory, no permission — pass as they are: they name the path)."""
+    import pyarrow as pa
+
+    try:
+        return read_input_file(path)
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{path.name}: not UTF-8 text (a bad byte at offset {exc.start}); "
+                            "save the file as UTF-8") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise ContractError(f"{path.name}: empty file (no header, no rows); write the header line and the rows") from exc
+    except pd.errors.ParserError as exc:
+        raise ContractError(f"{path.name}: not a readable CSV ({_first_line(exc)}); "
+                            "every row needs as many fields as the header") from exc
+    except pa.ArrowException as exc:
+        raise ContractError(f"{path.name}: not a readable {path.suffix.lstrip('.') or 'input'} file "
+                            f"({_first_line(exc)}); check that the file is what its extension says") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
+def _int_lines(quarantine: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The quarantine with its file lines as integers (a line is never 12.0)."""
+    if quarantine is None or "line" not in quarantine or not len(quarantine):
+        return quarantine
+    out = quarantine.copy()
+    lines = pd.to_numeric(out["line"], errors="coerce")
+    out["line"] = lines.round().astype("Int64")
+    return out
+
+
 def _as_batch(trades: pd.DataFrame | TradesBatch | str | Path, domain: str) -> TradesBatch:
     if isinstance(trades, TradesBatch):
         return trades
     if isinstance(trades, (str, Path)):
-        raw, lines = read_input_file(trades)
+        raw, lines = _read(Path(trades))
         source = Path(trades).name
     else:
         raw, lines, source = trades.copy(), np.arange(len(trades), dtype=np.int64) + 1, "<frame>"
@@ -123,12 +198,18 @@ def predict_trades(
     overrides"``, a ``KnobsInEffect.source`` such as ``"configs v3"``, ``"given"`` or
     ``"defaults"``) and ``tier2_enabled``. ``version`` / ``as_of``: re-apply a past
     overrides version exactly (``override_model``); ``attrs["version"]`` says which.
+    ``attrs["n_overrides"]``: the override rows applied (0: the edges are the regime term
+    alone, or 0); ``attrs["regime_term"]``: whether the tier-2 metric term was added.
+    A store that knows nothing of ``domain`` raises :class:`UnknownDomainError`.
     """
     model = override_model(store_or_frames, domain, version=version, as_of=as_of)
     batch = _as_batch(trades, domain)
     edge = model.predict(batch.trades, batch.patterns, batch.scope, batch.metrics)
     out = pd.DataFrame({"trade_id": edge.index.to_numpy(), "edge": edge.to_numpy()})
-    out.attrs["quarantine"] = batch.quarantine
+    out.attrs["quarantine"] = _int_lines(batch.quarantine)
+    out.attrs["n_overrides"] = len(model.rows) if model.rows is not None else 0
+    weights = model.regime_weights
+    out.attrs["regime_term"] = bool(model.tier2_enabled and weights is not None and len(weights))
     out.attrs["tier2_enabled"] = model.tier2_enabled
     out.attrs["knobs"] = dict(model.knobs)
     out.attrs["knobs_source"] = model.knobs_source

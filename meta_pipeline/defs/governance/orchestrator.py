@@ -174,6 +174,30 @@ class AutoApplyPolicy(dg.Config):
     target_types: list[str] = Field(default=[], description=f"allow-list of target types, from {list(TARGET_TYPES)}")
 
 
+# the diagnostics sections each kind of proposal is drawn from (governance.proposals), and what they need
+_EVIDENCE = (
+    ("STRATEGY_CONFIG", ("realized_vs_backtest",), "realized-vs-backtest rows (needs backtest_runs matching the trades)"),
+    ("META_KNOBS", ("knob_best_region", "global_prior_gap"), "knob diagnostics (needs telemetry with knob values)"),
+    ("PM_OVERRIDES", ("override_churn",), "override churn (needs an earlier diagnostics run with overrides)"),
+)
+
+
+def _missing_evidence(diagnostics_rows: pd.DataFrame) -> list[str]:
+    """Per proposal kind, the domains whose diagnostics hold none of its evidence, and why (e.g. a
+    fleet that sends trades only has no knob evidence; without backtests no strategy evidence)."""
+    if diagnostics_rows.empty:
+        return []
+    domains = sorted(diagnostics_rows["domain"].unique())
+    notes = []
+    for target_type, sections, needs in _EVIDENCE:
+        having = set(diagnostics_rows.loc[diagnostics_rows["section"].isin(sections), "domain"])
+        lacking = [d for d in domains if d not in having]
+        if lacking:
+            shown = ", ".join(lacking[:10]) + (f" and {len(lacking) - 10} more" if len(lacking) > 10 else "")
+            notes.append(f"no {target_type} candidates from {shown}: no {needs}")
+    return notes
+
+
 def _proposals_table(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
@@ -193,9 +217,13 @@ def _proposals_table(frame: pd.DataFrame) -> pd.DataFrame:
 )
 def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy, store: StoreParam) -> dg.MaterializeResult:
     policy = lifecycle.AutoApplySettings(config.enabled, config.min_confidence, tuple(config.target_types))
-    run = lifecycle.run_proposal_cycle(store, store.read("diagnostics"), policy)
+    diagnostics_rows = store.read("diagnostics")
+    run = lifecycle.run_proposal_cycle(store, diagnostics_rows, policy)
     if not run.domains:
         context.log.warning("no diagnostics rows yet: materialize `diagnostics` for some domains first")
+    missing = _missing_evidence(diagnostics_rows)
+    for note in missing:
+        context.log.info(note)
     for message in run.skipped:
         context.log.warning(f"auto-apply skipped: {message}")
     top_tests = run.top_candidates(15)
@@ -205,6 +233,7 @@ def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy,
         "proposals_generated": dg.MetadataValue.int(len(run.proposals)),
         "inserted": dg.MetadataValue.int(len(run.inserted)),
         "duplicates_skipped": dg.MetadataValue.int(len(run.duplicates)),
+        "missing_evidence": dg.MetadataValue.md("\n".join(f"- {n}" for n in missing) or "_(every source has evidence)_"),
         "auto_apply": dg.MetadataValue.text(
             f"enabled, ≥ {policy.min_confidence}, {list(policy.target_types)}" if policy.enabled else "off"),
         "auto_applied": dg.MetadataValue.json([r.summary() for r in run.applied]),

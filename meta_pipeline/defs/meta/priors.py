@@ -136,7 +136,9 @@ def _global_prior_figure(details: dict, theta: dict[str, float], by_domain: dict
     description=(
         "Versioned, append-only cross-domain knob prior: domains weighted by evidence and reward with an "
         "entropy term, robust per-knob outlier filtering, shift-distance down-weighting, then an annealed "
-        "Reptile step from the previous version. Materialized automatically when domain priors change."
+        "Reptile step from the previous version. Materialized automatically when domain priors change. "
+        "While no domain has a prior (a fleet without telemetry) no version is written and the metadata "
+        "says why; everything downstream works without one."
     ),
 )
 def global_prior(
@@ -161,12 +163,19 @@ def global_prior(
         try:
             built = priors_core.build_global_prior(priors_long, telemetry, previous, cfg, shift)
         except priors_core.NoDomainPriors as exc:
-            raise dg.Failure(description=str(exc)) from exc
-        store.append("global_prior", built.rows, conn=conn)
+            built = None
+            why = str(exc)
+        else:
+            store.append("global_prior", built.rows, conn=conn)
+    if built is None:
+        # a fleet that sends trades only: nothing to aggregate, and nothing downstream needs it
+        # (controllers cold-start from the knob defaults, diagnostics skip the global-prior gap)
+        return _no_global_prior(context, previous, telemetry, why)
 
     details, domain_table = built.details, built.domain_table()
     return dg.MaterializeResult(
         metadata={
+            "status": dg.MetadataValue.text(f"version {built.version} written"),
             "version": dg.MetadataValue.int(built.version),
             "epsilon": dg.MetadataValue.float(float(details["epsilon"])),
             "n_domains": dg.MetadataValue.int(details["n_domains"]),
@@ -178,3 +187,27 @@ def global_prior(
                                                 "global prior"),
         }
     )
+
+
+NO_PRIOR_STATUS = "no domain has telemetry: no global prior version written"
+
+
+def _no_global_prior(context: dg.AssetExecutionContext, previous, telemetry: pd.DataFrame, why: str
+                     ) -> dg.MaterializeResult:
+    """No domain has a prior (e.g. a trades-only fleet): no version written, and the metadata says why."""
+    if telemetry.empty:
+        status = NO_PRIOR_STATUS
+    else:
+        with_ticks = sorted(telemetry["domain"].dropna().unique())
+        status = (f"no domain prior yet although {len(with_ticks)} domain(s) have telemetry "
+                  f"({', '.join(with_ticks[:5])}{', …' if len(with_ticks) > 5 else ''}): materialize their "
+                  "domain_priors (telemetry without knob values gives none); no global prior version written")
+    if previous is not None:
+        status += f" (version {previous.version} stays the newest)"
+    context.log.warning(f"global_prior: {status}")
+    return dg.MaterializeResult(metadata={
+        "status": dg.MetadataValue.text(status),
+        "detail": dg.MetadataValue.text(why),
+        "n_domains": dg.MetadataValue.int(0),
+        "dagster/row_count": dg.MetadataValue.int(0),
+    })
