@@ -249,13 +249,16 @@ def _candidates(
 # ---------------------------------------------------------------------------
 
 
+MIN_SUPPORT = 30  # trades a lesson needs (the default of mine_lessons)
+
+
 def mine_lessons(
     trades: pd.DataFrame,
     patterns: pd.DataFrame,
     scope: pd.DataFrame,
     *,
     max_scope_dims: int = 2,
-    min_support: int = 30,
+    min_support: int = MIN_SUPPORT,
     lambda_ci: float = 0.5,
     z: float = 1.96,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

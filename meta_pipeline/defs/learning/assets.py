@@ -224,7 +224,9 @@ def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.Material
     written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
     top = mined.reindex(mined["edge_lcb"].abs().sort_values(ascending=False).index) if len(mined) else mined
     if mined.empty:
-        context.log.warning(f"domain {domain!r}: no lesson reaches the minimum support ({len(trades)} trades)")
+        most = int(patterns["pattern"].value_counts().max()) if len(patterns) else 0
+        context.log.warning(f"domain {domain!r} learns nothing: {len(trades)} trades, the most frequent pattern fired "
+                            f"on {most} < min_support {lessons_core.MIN_SUPPORT}")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": dg.MetadataValue.int(written),
