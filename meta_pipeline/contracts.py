@@ -555,21 +555,16 @@ SCOPE_KEY_MAX = trade_scope.c.key.type.length  # 100, a column header: see valid
 SCOPE_VALUE_MAX = trade_scope.c.value.type.length  # 200
 METRIC_NAME_MAX = trade_metrics.c.metric.type.length  # 100, a column header: see validate_trades
 
+# One timestamp range rule for every row of every input file (closed_at, ts): a timestamp
+# is accepted when, converted to UTC, it falls in the years 1970 through 2200,
+# TIMESTAMP_MIN <= t < TIMESTAMP_END; outside, the row is quarantined as "<column> out of
+# range (years 1970-2200)", whatever the other rows of the file hold (``_parse_timestamps``).
+# Why these bounds: every backend stores them, they hold any real trade or engine tick, and
+# a year outside them is a typo or a unit mistake (seconds read as years), not data.
 TIMESTAMP_MIN_YEAR, TIMESTAMP_MAX_YEAR = 1970, 2200
 TIMESTAMP_MIN = pd.Timestamp(f"{TIMESTAMP_MIN_YEAR}-01-01", tz="UTC")
 TIMESTAMP_END = pd.Timestamp(f"{TIMESTAMP_MAX_YEAR + 1}-01-01", tz="UTC")  # exclusive
 TIMESTAMP_RANGE = f"years {TIMESTAMP_MIN_YEAR}-{TIMESTAMP_MAX_YEAR}"
-TIMESTAMP_RANGE_DOC = """The one range rule for every timestamp of an input file (closed_at, ts).
-
-A timestamp is accepted when, converted to UTC, it falls in the years 1970 through 2200:
-``TIMESTAMP_MIN <= t < TIMESTAMP_END``. A value outside is quarantined as
-``<column> out of range (years 1970-2200)`` whatever the other rows of the file hold
-(pandas parses a column at nanosecond precision, whose range ends in 2262, only when some
-value of it has nanoseconds: the rule is checked on the text's year too, so a year-2300
-value is out of range with or without such a neighbour). Why these bounds: every backend
-stores them, they hold any real trade or engine tick, and a year outside them is a typo or
-a unit mistake (seconds read as years), not data.
-"""
 
 _TEXT_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)  # what pandas gives a CSV read with dtype=str
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")  # not Unicode text (a JSON "\ud800" escape): no database stores it
@@ -622,7 +617,7 @@ class ReadNotes:
     column_problems: dict = field(default_factory=dict)
     header_note: str = ""
 
-    def __deepcopy__(self, memo: dict) -> "ReadNotes":
+    def __deepcopy__(self, memo: dict) -> ReadNotes:
         return self  # pandas deep-copies attrs on every operation: share the notes, never copy them
 
 
@@ -1086,7 +1081,7 @@ def _read_parquet(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise ContractError(f"{path.name}: reading Parquet needs pyarrow ({exc})") from exc
     except OSError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the Parquet reader says, the file is not Parquet
+    except Exception as exc:  # whatever the Parquet reader raises, the file is not (readable) Parquet
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ContractError(f"{path}: not a readable Parquet file ({first[:300]})") from exc
     flat = [_flatten_json_record(r) for r in frame.to_dict(orient="records")]
@@ -1114,7 +1109,12 @@ def _require_columns(raw: pd.DataFrame, required: tuple[str, ...], source: str,
                      notes: ReadNotes | None = None) -> None:
     missing = [c for c in required if c not in raw.columns]
     if missing:
-        note = f" ({notes.header_note})" if notes is not None and notes.header_note else ""
+        notes_said = [notes.header_note] if notes is not None and notes.header_note else []
+        near = {str(c).strip().lower(): c for c in raw.columns if isinstance(c, str)}
+        close = [f"found {_shown_name(near[m])!r}" for m in missing if m in near]  # " Regime" for regime
+        if close:
+            notes_said.append("; ".join(close) + ": names are exact, lowercase, without spaces")
+        note = f" ({'; '.join(notes_said)})" if notes_said else ""
         raise ContractError(f"{source}: missing required column(s): {', '.join(missing)}{note}")
 
 
@@ -1292,10 +1292,17 @@ def _number_cells(series: pd.Series, *, allow_bool: bool = False) -> tuple[np.nd
         return values, ~np.isnan(values)
     if series.dtype != object:  # times, categories...: not numbers
         return np.full(n, np.nan), series.notna().to_numpy()
-    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "empty"):
+    kind = pd.api.types.infer_dtype(series, skipna=True)
+    if kind in ("string", "empty"):
         try:
             return _number_cells(series.astype(_TEXT_DTYPE))
         except UnicodeEncodeError:
+            pass
+    elif kind in ("floating", "integer", "mixed-integer-float"):  # JSON numbers (and null): no per-value work
+        try:
+            values = series.to_numpy(dtype=float, na_value=np.nan)
+            return values, ~np.isnan(values)
+        except (OverflowError, TypeError, ValueError):
             pass
     values = np.full(n, np.nan)
     given = np.zeros(n, dtype=bool)
@@ -1330,10 +1337,14 @@ def _to_utc(series: pd.Series) -> pd.Series:
 
 
 def _parse_timestamps(series: pd.Series) -> tuple[pd.Series, np.ndarray, np.ndarray]:
-    """(UTC timestamps, NaT where unusable; rows unparsable; rows out of range) — see ``TIMESTAMP_RANGE_DOC``.
+    """(UTC timestamps, NaT where unusable; rows unparsable; rows out of range).
 
-    The range is judged on each value alone: on the parsed time, and for a value pandas
-    could not represent (a year past 2262 next to a nanosecond value) on its text's year.
+    The range rule (``TIMESTAMP_MIN`` <= t < ``TIMESTAMP_END``: the years 1970-2200, UTC)
+    is judged on each value alone. pandas parses a column at nanosecond precision, whose
+    range ends in 2262, only when some value of it has nanoseconds; then a year-2300 value
+    comes back NaT, as if unparsable. So a value is judged on its parsed time and, when
+    pandas could not represent it, on its text's year: a year-2300 (or 1900) timestamp is
+    "out of range" with or without such a neighbour, never accepted, never "unparsable".
     """
     if pd.api.types.is_datetime64_any_dtype(series.dtype):
         ts = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
@@ -1553,15 +1564,23 @@ def _explode_patterns(series: pd.Series) -> _Patterns:
     values = series.reset_index(drop=True)
     n = len(values)
     if values.dtype == object:
-        if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
-            try:
+        kind = pd.api.types.infer_dtype(values, skipna=True)
+        try:
+            if kind in ("string", "empty"):
                 values = values.astype(_TEXT_DTYPE)
-            except UnicodeEncodeError:
-                return _explode_pattern_objects(values)
-        else:
-            return _explode_pattern_objects(values)
+            else:  # JSON / Parquet: lists of text, the common case, go to arrow as they are
+                cells = values.tolist()
+                if any(isinstance(v, (str, bytes)) for v in cells):  # arrow would read "a|b" as letters
+                    return _explode_pattern_objects(values)
+                return _patterns_from_lists(pa.array(cells, type=pa.list_(pa.string()), from_pandas=True), n)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError, TypeError, ValueError):
+            return _explode_pattern_objects(values)  # anything else, one row at a time
     # text: split, flatten and strip in arrow (a Python str.split per row was most of validation)
-    lists = pc.split_pattern(_arrow_text(values), "|")
+    return _patterns_from_lists(pc.split_pattern(_arrow_text(values), "|"), n)
+
+
+def _patterns_from_lists(lists: pa.Array, n: int) -> _Patterns:
+    """Arrow lists of names (one list per row) -> ``_Patterns``: stripped, empty dropped, kept once per row."""
     rows = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
     names = pc.utf8_trim_whitespace(pc.list_flatten(lists))
     keep = _mask(pc.not_equal(names, ""))
@@ -1817,7 +1836,7 @@ class TelemetryRows:
 def check_telemetry_rows(frame: pd.DataFrame, *, file_layout: bool = False) -> TelemetryRows:
     """Parse and check telemetry rows (TELEMETRY_REQUIRED columns must be present).
 
-    Checks: ``ts`` parseable and within the timestamp range (``TIMESTAMP_RANGE_DOC``);
+    Checks: ``ts`` parseable and within the timestamp range (``_parse_timestamps``);
     each outcome a finite number within TELEMETRY_BOUNDS; each knob cell empty (not
     reported) or a finite number (a JSON boolean is a number only for a knob of kind
     bool: ``true`` = 1). Knob columns: the store layout ``knob_<name>`` or the file layout
@@ -2085,7 +2104,7 @@ def validate_feedback(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
     ≤ 200 characters — the column's length; empty = not given) and ``metadata.<key>``
     columns (CSV) / a ``metadata`` object (JSON Lines), stored together as
     ``metadata_json``. Other columns are ignored and reported (``ignored_columns``). Row
-    reasons: unparsable ts, ts out of range (``TIMESTAMP_RANGE_DOC``), empty input, empty
+    reasons: unparsable ts, ts out of range (``_parse_timestamps``), empty input, empty
     output, score not a finite number (a JSON boolean is not a number), score outside
     [0, 1], model_version too long, a NUL character in input, output or model_version (SQL
     text cannot hold it), text that is not valid Unicode, metadata that is not an object, a

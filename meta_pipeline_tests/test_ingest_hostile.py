@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import pytest
@@ -35,6 +35,7 @@ from meta_pipeline.store import MetaStore
 
 H = "trade_id,closed_at,regime,strategy_id,return_r,patterns,scope.chain,metric.m"  # 8 fields
 TH = "ts,gain_p50,stability_mean,vram_utilization,latency_ms,knob.tau"  # 6 fields
+FH = "ts,input,output,score,model_version,metadata.rater"  # feedback: 6 fields
 
 
 def good(i: int, **over: str) -> str:
@@ -51,6 +52,21 @@ def tgood(i: int, **over: str) -> str:
            "vram_utilization": "0.5", "latency_ms": "120", "knob.tau": "0.95"}
     row.update(over)
     return ",".join(row.values())
+
+
+def fgood(i: int, **over: str) -> str:
+    """A valid feedback row (6 fields)."""
+    row = {"ts": f"2026-06-01T10:{i:02d}:00Z", "input": f"question {i}", "output": "answer", "score": "0.8",
+           "model_version": "v1", "metadata.rater": "alice"}
+    row.update(over)
+    return ",".join(row.values())
+
+
+def fjrow(i: int, **over: object) -> str:
+    obj = {"ts": f"2026-06-01T10:{i:02d}:00Z", "input": f"question {i}", "output": "answer", "score": 0.8,
+           "metadata": {"rater": "alice"}}
+    obj.update(over)
+    return json.dumps(obj)
 
 
 def jrow(i: int, **over: object) -> str:
@@ -275,6 +291,19 @@ def build_corpus() -> list[Case]:
         Case("tel_bom.jsonl", b"\xef\xbb\xbf" + text(tjrow(1), tjrow(2)), kind="telemetry", landed=2),
         Case("tel_nul.csv", text(TH, tgood(1, gain_p50="0.1\x00"), tgood(2)), kind="telemetry",
              quarantine=[(2, "gain_p50 is not a finite number")], landed=1),
+        # -- feedback (a task's ratings): the same reader and rules -------------------------------
+        Case("fb_hostile.csv", text(FH, fgood(1), fgood(2, model_version="v\x001"), fgood(3, score="2"),
+                                    fgood(4, ts="2300-01-01T00:00:00Z"), "2026-06-01T10:05:00Z,q,a",
+                                    fgood(6, model_version="m" * 201), fgood(7, model_version="m" * 200)),
+             kind="feedback", quarantine=[(3, "model_version contains a NUL"), (4, "score outside [0, 1]"),
+                                          (5, "ts out of range"), (6, "row has 3 fields"),
+                                          (7, "model_version longer than 200 characters")], landed=2),
+        Case("fb_json.jsonl", b"\xef\xbb\xbf" + text(fjrow(1, score=True), fjrow(2).replace('"question 2"', '"q\\ud800"'),
+                                                    fjrow(3, metadata="x"), fjrow(4, input={"b": 1, "a": [1]}),
+                                                    fjrow(5)),
+             kind="feedback", quarantine=[(1, "score is not a finite number"), (2, "input is not valid Unicode"),
+                                          (3, "metadata is not a JSON object")], landed=2),
+        Case("fb_empty.csv", b"", kind="feedback", rejected="empty file"),
     ]
     return cases
 
@@ -319,10 +348,10 @@ def _run(store: MetaStore, folder: Path, case: Case) -> dict:
     except ContractError as exc:
         out["rejected"] = str(exc)
         report = None
-    table = "trades" if case.kind == "trades" else "telemetry"
     q = store.read("quarantine", domain=domain).sort_values(["line", "reason"])
     out["quarantine"] = list(zip(q["line"].astype(int), q["reason"], q["raw_json"]))
-    rows = store.read(table, domain=domain).drop(columns=["ingested_at"], errors="ignore")
+    rows = (store.read("feedback", equals={"task": domain}) if case.kind == "feedback"
+            else store.read(case.kind, domain=domain)).drop(columns=["ingested_at"], errors="ignore")
     out["rows"] = rows.sort_values(rows.columns[1]).reset_index(drop=True)
     out["report"] = report
     return out
