@@ -137,7 +137,13 @@ def test_the_monitor_continues_its_stream_across_batches(broken_domain):
     state = store.read("drift_monitor_state", domain="dom0")
     scored = int(store.read("feedback_cycles", domain="dom0")["n"].sum())
     assert int(state["n_seen"].iloc[0]) == scored  # every scored trade fed once, across the runs so far
-    assert json.loads(state["state_json"].iloc[0])  # JSON text: a new batch continues from it
+    # the stored text restores the monitors a new batch continues: the whole stream's and one per factor
+    from meta_pipeline.defs.learning.feedback import STATE_FORMAT, _load_monitors
+
+    assert json.loads(state["state_json"].iloc[0])["format"] == STATE_FORMAT
+    whole, by_factor = _load_monitors(state["state_json"].iloc[0])
+    assert whole.n_seen == scored
+    assert by_factor and sum(m.n_seen for m in by_factor.values()) > 0
 
 
 def test_predict_reapplies_a_past_version_exactly(broken_domain, capsys):
@@ -164,8 +170,15 @@ def test_predict_reapplies_a_past_version_exactly(broken_domain, capsys):
 def test_version_in_effect_follows_the_prequential_rule(broken_domain):
     store = broken_domain["store"]
     versions = store.override_versions("dom0")
-    t = versions["as_of"].iloc[1] + pd.Timedelta(seconds=1)
-    assert assign_versions(pd.Series([t]), versions)[0] >= 2
+    from meta_pipeline.learning.predict import version_in_effect
+
+    for t in [versions["as_of"].iloc[0] - pd.Timedelta(seconds=1), *versions["as_of"], versions["as_of"].max()
+              + pd.Timedelta(days=1)]:
+        before = versions[versions["as_of"] < t]
+        expected = -1 if before.empty else int(before[before["as_of"] == before["as_of"].max()]["version"].max())
+        assert assign_versions(pd.Series([t]), versions)[0] == expected
+        if expected > 0:
+            assert version_in_effect(store, "dom0", t) == expected
 
 
 def test_replay_walks_forward_and_scores_like_live(tmp_path, monkeypatch, capsys):

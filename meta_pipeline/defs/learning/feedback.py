@@ -119,8 +119,8 @@ def _event(at: pd.Series, change: pd.Series | None, alarm, stream: str, now: pd.
     }
 
 
-def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame,
-                    factors: pd.DataFrame) -> tuple[list[dict], pd.DataFrame, str]:
+def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame, factors: pd.DataFrame,
+                    known: set[str]) -> tuple[list[dict], pd.DataFrame, str]:
     """Feed the residuals the monitors have not seen yet; returns (alarms as event rows, the new state row, note).
 
     Two kinds of stream, in trade order: the domain's whole residual stream
@@ -154,7 +154,7 @@ def _monitor_stream(store: MetaStore, domain: str, scored: pd.DataFrame,
             note = "the scored history changed (e.g. a replay added past versions): the monitors rescanned the stream"
     tail = order.iloc[consumed:]
     events: list[dict] = []
-    known = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
+    known = set(known)  # trades with an event on record (added to as alarms are recorded)
     now = pd.Timestamp.now(tz="UTC")
 
     def record(stream_rows: pd.DataFrame, alarm, stream: str, offset: int | None) -> None:
@@ -247,9 +247,9 @@ def override_feedback(context: dg.AssetExecutionContext, config: FeedbackConfig,
     domain = partition_domain(context)
     as_of = _run_as_of(context)
     scored, versions, coherence, factors = _score(store, domain, as_of)
-    events, state_row, note = _monitor_stream(store, domain, scored, factors)
-    alarm_trades = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
-    alarm_trades |= {e["trade_id"] for e in events}
+    on_record = set(store.read("drift_events", domain=domain, columns=["trade_id"])["trade_id"].astype(str))
+    events, state_row, note = _monitor_stream(store, domain, scored, factors, on_record)
+    alarm_trades = on_record | {e["trade_id"] for e in events}
     cycles = feedback_core.feedback_cycles(scored, config.cycle_size, coherence, alarm_trades)
     ids = store.write_feedback(domain, cycles.assign(cycle_size=config.cycle_size), pd.DataFrame(events),
                                state_row)
