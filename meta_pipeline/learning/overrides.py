@@ -71,11 +71,24 @@ across factors (each round adds at most one lesson per factor):
 * regime split (when ``regime_split``): a selected override whose residuals differ
   across regimes beyond the domain-wide regime offsets (χ² test, Bonferroni) is replaced
   by one row per regime (all its regimes, never together with an any-regime row);
-* ``g_min``: rows with |edge| < g_min are dropped, and the rest refitted (≤ 3 times).
+* ``g_min``: rows with |edge| < g_min (the final edge below: after the lambda_ci
+  shrinkage and tau) are dropped, and the rest refitted (≤ 3 times).
+
+lambda_ci — shrinkage toward the lower confidence bound
+--------------------------------------------------------
+The joint fit gives each row a coefficient ``coef`` (its edge at now) and its standard
+error ``se``. The edge an engine receives is pulled toward zero by ``lambda_ci`` times
+the 95 % half-width, sign-aware and never past zero:
+``shrunk = sign(coef)·max(|coef| − lambda_ci·1.96·se, 0)`` — the same bound as
+``learning_lessons.edge_lcb`` (``mean − lambda_ci·1.96·se``). lambda_ci ∈ [0.3, 0.7]: a
+higher value trusts a noisy coefficient less (|edge| smaller, more rows fall under
+g_min); a precisely estimated edge (small se) barely moves. It counters the
+winner's curse of stepwise selection: a lesson enters because its in-sample edge is
+large, so its coefficient is biased away from zero by about the noise it was chosen on.
 
 tau — staleness shrink
 ----------------------
-``edge = coef × tau^(days from the lesson's last trade to now)``. The fitted half-life
+``edge = shrunk × tau^(days from the lesson's last trade to now)``. The fitted half-life
 already carries the decay the data shows; tau (∈ [0.8, 0.99]) is the extra per-day
 retention for a lesson that has stopped receiving trades while the domain kept trading
 (nothing observed ⇒ trust fades). It is 1 for a lesson seen at ``now`` and never
@@ -368,9 +381,19 @@ def _fit_knobs(knobs: Mapping[str, float]) -> dict[str, float]:
     return {
         "tau": float(knobs.get("tau", 0.95)),
         "g_min": float(knobs.get("g_min", 0.02)),
+        "lambda_ci": float(knobs.get("lambda_ci", 0.5)),
         "tier2_enabled": float(bool(knobs.get("tier2_enabled", 1.0))),
         "tier3_topk": float(max(1, round(float(knobs.get("tier3_topk", 5))))),
     }
+
+
+CI_Z = 1.96  # lambda_ci's bound is lambda_ci·CI_Z·se, as learning_lessons.edge_lcb
+
+
+def ci_shrunk(coef: np.ndarray, se: np.ndarray, lambda_ci: float) -> np.ndarray:
+    """``sign(coef)·max(|coef| − lambda_ci·CI_Z·se, 0)``: the edge pulled toward its lower confidence bound."""
+    coef = np.asarray(coef, dtype=float)
+    return np.sign(coef) * np.maximum(np.abs(coef) - lambda_ci * CI_Z * np.asarray(se, dtype=float), 0.0)
 
 
 def _fit_rows(
@@ -398,6 +421,7 @@ def _fit_rows(
     now = model.now
     tau = model.knobs["tau"]
     g_min = model.knobs["g_min"]
+    lambda_ci = model.knobs["lambda_ci"]
     tier2 = model.tier2_enabled
     topk = int(model.knobs["tier3_topk"])
     if lessons.empty or trades.empty:
@@ -568,7 +592,7 @@ def _fit_rows(
     # -- g_min: drop small edges, refit the rest --------------------------------
     for _ in range(3):
         les_of_row, reg_of_row = row_lesson_regime()
-        edge = result["coef"] * shrink[les_of_row]
+        edge = ci_shrunk(result["coef"], result["se"], lambda_ci) * shrink[les_of_row]
         small = (np.abs(edge) < g_min) | ~np.isfinite(edge)
         if not small.any():
             break
@@ -576,7 +600,7 @@ def _fit_rows(
         reg_row[les_of_row[small & (reg_of_row >= 0)], reg_of_row[small & (reg_of_row >= 0)]] = -1
         result, pair_row, win = refit()
     les_of_row, reg_of_row = row_lesson_regime()
-    edge = result["coef"] * shrink[les_of_row]
+    edge = ci_shrunk(result["coef"], result["se"], lambda_ci) * shrink[les_of_row]
     keep = (np.abs(edge) >= g_min) & np.isfinite(edge)
     if not keep.any():
         return _empty_overrides()
@@ -591,7 +615,7 @@ def _fit_rows(
             rate > 0, np.log(np.maximum(np.abs(edge), g_min) / g_min) / rate, horizon_hours
         )
     hours_valid = np.clip(np.nan_to_num(hours_valid, nan=horizon_hours), 0.0, horizon_hours)
-    knob_view = {"tau": tau, "g_min": g_min, "tier2_enabled": tier2, "tier3_topk": topk}
+    knob_view = {"tau": tau, "g_min": g_min, "lambda_ci": lambda_ci, "tier2_enabled": tier2, "tier3_topk": topk}
     out_rows = []
     for r in np.flatnonzero(keep):  # one dict per emitted override (output-sized loop)
         les = int(les_of_row[r])
@@ -615,6 +639,7 @@ def _fit_rows(
             "lesson_edge_mean": float(lrow["edge_mean"]),
             "coef_at_now": float(result["coef"][r]),
             "coef_se": float(result["se"][r]),
+            "ci_shrink": float(min(abs(result["coef"][r]), lambda_ci * CI_Z * result["se"][r])),
             "n_credited_trades": int(n_credited[r]),
             "metric_adjustment": float(credited_metric[r] / n_credited[r]) if tier2 and n_credited[r] else 0.0,
             "stale_days": float(stale_days[les]),
@@ -685,7 +710,7 @@ class OverrideModel:
 
     ``rows``: pm_overrides rows (without ``domain``); ``regime_weights``:
     learning_regime_weights rows (the tier-2 metric term; may be None); ``knobs``: the
-    knobs the rows were fitted with (tau, g_min, tier2_enabled, tier3_topk; only
+    knobs the rows were fitted with (tau, g_min, lambda_ci, tier2_enabled, tier3_topk; only
     ``tier2_enabled`` matters to the apply); ``now``: the newest closed_at the model
     learned from — every edge is already decayed to it (None: not recorded);
     ``knobs_source``: where ``knobs`` came from ("fit", :data:`KNOBS_RECORDED`, or the
@@ -739,7 +764,7 @@ class OverrideModel:
         ``factors``: latent_factors rows (lesson_key, latent_factor_id), overriding the
         lessons' column; ``regime_weights``: learning_regime_weights rows (used when
         ``knobs['tier2_enabled']``). ``trades``/``patterns``/``scope``/``metrics``: the
-        training trades' source tables. ``knobs``: tau, g_min, tier2_enabled,
+        training trades' source tables. ``knobs``: tau, g_min, lambda_ci, tier2_enabled,
         tier3_topk. ``now``: None applies :meth:`now_of` to ``trades``. ``options``:
         ``lesson_trades`` (the incidence, computed if None), ``use_decay=False``
         (ignore the fitted half-lives: the comparison baseline), ``regime_split``,
