@@ -31,8 +31,11 @@ def state(store: MetaStore) -> tuple:
 
 
 def to_status(store: MetaStore, pid: str, status: str) -> None:
+    if status == "SUPERSEDED":  # a newer proposal for the same target (other evidence) supersedes it
+        target = lifecycle.get_proposal(store, pid)
+        lifecycle.insert_proposals(store, proposal_frame(target_id=target["target_id"], part=f"newer:{pid}"))
     path = {"PENDING": [], "APPROVED": ["approve"], "REJECTED": ["reject"], "APPLIED": ["approve", "apply"],
-            "REVERTED": ["approve", "apply", "revert"]}[status]
+            "REVERTED": ["approve", "apply", "revert"], "SUPERSEDED": []}[status]
     for action in path:
         lifecycle.transition(store, pid, action, "ann")
     assert lifecycle.get_proposal(store, pid)["status"] == status
@@ -107,15 +110,33 @@ def test_reject_and_reinsert_same_evidence(store):
 
 def test_stale_apply_is_refused_and_changes_nothing(store):
     a = new_proposal(store)
+    to_status(store, a, "APPLIED")
+    # made against the snapshot a replaced (e.g. inserted by a run that read the configs before a was applied)
     b = new_proposal(store, proposed={"strategy_id": "beta", "regime_weights": {"S0": 0.5, "S1": 1.0, "S2": 1.0}},
                      part="shortfall:S0")
-    to_status(store, a, "APPLIED")
     lifecycle.approve(store, b, "ann")
     before = state(store)
     with pytest.raises(ProposalError, match="stale"):
         lifecycle.apply(store, b, "ann")
     assert state(store) == before
     assert lifecycle.get_proposal(store, b)["status"] == "APPROVED"
+
+
+def test_a_newer_proposal_for_a_target_supersedes_its_pending_one(store):
+    old = new_proposal(store)
+    other_target = new_proposal(store, target_id="d1/gamma", part="shortfall:S1g")
+    newer = lifecycle.insert_proposals(store, proposal_frame(part="peers:S1"))
+    assert newer.superseded == [old] and len(newer.inserted) == 1
+    rows = lifecycle.list_proposals(store).set_index("proposal_id")
+    assert rows.loc[old, "status"] == "SUPERSEDED" and rows.loc[newer.inserted[0], "status"] == "PENDING"
+    assert rows.loc[other_target, "status"] == "PENDING"  # another target is left alone
+    log = lifecycle.change_log(store, old)
+    assert list(log["action"]) == ["supersede"] and log["actor"].iloc[0] == lifecycle.SUPERSEDE_ACTOR
+    assert json.loads(log["after_json"].iloc[0]) == {"superseded_by": newer.inserted[0]}
+    # the same evidence again is a duplicate, not a supersede
+    again = lifecycle.insert_proposals(store, proposal_frame(part="peers:S1"))
+    assert again.inserted == [] and again.superseded == [] and len(again.duplicates) == 1
+    assert len(lifecycle.list_proposals(store, "SUPERSEDED")) == 1
 
 
 # ---------------------------------------------------------------------------

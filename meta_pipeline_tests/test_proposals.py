@@ -52,7 +52,9 @@ def test_top_proposal_is_the_planted_underperformer(planted):
     top = proposals.iloc[0]
     assert top["target_type"] == "STRATEGY_CONFIG" and top["target_id"].endswith("/beta")
     evidence = json.loads(top["evidence_json"])
-    assert [p["part_key"] for p in evidence["parts"]] == ["shortfall:S1"]
+    # found from the trades alone (peers and its own other regimes), the backtests add their evidence
+    roles = {p["part_key"]: p["role"] for p in evidence["parts"]}
+    assert set(roles) == {"peers:S1", "shortfall:S1"} and sorted(roles.values()) == ["decides", "supports"]
     assert top["confidence"] >= 0.7
     before, after = json.loads(top["current_config_snapshot_json"]), json.loads(top["proposed_config_json"])
     assert before["regime_weights"] == {"S0": 1.0, "S1": 1.0, "S2": 1.0}
@@ -137,8 +139,12 @@ def test_evidence_hash_ignores_noise_and_dedupes():
         pd.DataFrame([_cell_row()]),
         {("STRATEGY_CONFIG", "d1/beta"): {"strategy_id": "beta", "regime_weights": {"S1": 0.8}}})
     assert other_snapshot["evidence_hash"].iloc[0] != a["evidence_hash"].iloc[0]
-    # the proposal multiplies the ACTIVE weight, not a default
-    assert json.loads(other_snapshot["proposed_config_json"].iloc[0])["regime_weights"]["S1"] == pytest.approx(0.8 * 0.6)
+    # the proposal is an absolute target (1 − 0.4 sd = 0.6), computed against the ACTIVE weight: it never
+    # compounds — an active weight at or below the target proposes nothing
+    assert json.loads(other_snapshot["proposed_config_json"].iloc[0])["regime_weights"]["S1"] == pytest.approx(0.6)
+    applied, _ = generate_proposals(
+        pd.DataFrame([_cell_row()]), {("STRATEGY_CONFIG", "d1/beta"): {"strategy_id": "beta", "regime_weights": {"S1": 0.6}}})
+    assert applied.empty
 
 
 def test_overperformance_is_not_proposed():
@@ -253,8 +259,12 @@ def test_override_churn_becomes_a_pm_overrides_proposal():
                  "details_json": json.dumps({"n_added": 15, "n_removed": 15, "n_now": 30, "n_before": 30})}
     proposals, cand = generate_proposals(pd.DataFrame([churn_row]))
     assert list(proposals["target_type"]) == ["PM_OVERRIDES"] and proposals["target_id"].iloc[0] == "d"
-    assert json.loads(proposals["current_config_snapshot_json"].iloc[0]) == {"min_support_multiplier": 1.0}
-    assert json.loads(proposals["proposed_config_json"].iloc[0]) == {"min_support_multiplier": 1.75}
+    assert json.loads(proposals["current_config_snapshot_json"].iloc[0]) == {"min_support": 30, "max_scope_dims": 2}
+    # min_support = ⌈30 · (1 + 0.75) / 5⌉ · 5 = 55
+    assert json.loads(proposals["proposed_config_json"].iloc[0]) == {"min_support": 55, "max_scope_dims": 2}
+    # applied (min_support already 55): the same churn proposes nothing again
+    assert generate_proposals(pd.DataFrame([churn_row]),
+                              {("PM_OVERRIDES", "d"): {"min_support": 55, "max_scope_dims": 2}})[0].empty
     assert cand["p_value"].iloc[0] < 1e-6 and 0.5 < proposals["confidence"].iloc[0] <= 1
     # normal turnover (20 %) is not proposed
     calm = {**churn_row, "value": 8 / 40, "details_json": json.dumps({"n_added": 4, "n_removed": 4})}

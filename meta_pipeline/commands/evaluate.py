@@ -40,6 +40,24 @@ def _closed_loop(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _governance(args: argparse.Namespace, progress) -> int:
+    """Proposals on planted and null trades-only fleets (lab.governance_fleets)."""
+    from pathlib import Path
+
+    from meta_pipeline.lab.evaluate import jsonable
+    from meta_pipeline.lab.governance_fleets import governance_report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, report = governance_report(tuple(range(args.seed0, args.seed0 + args.seeds)), progress=progress)
+    (out / "governance.json").write_text(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str))
+    (out / "governance.md").write_text(report + "\n")
+    print(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str) if args.json else report)
+    if not args.json:
+        print(f"\nfull results {out}/governance.json, {out}/governance.md")
+    return 0
+
+
 @command
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.evaluate import EvaluationConfig, format_table, jsonable, run_evaluation
@@ -47,6 +65,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(None, f"--seeds must be at least 1 (got {args.seeds})")
     args.out = str(abs_path(args.out))
+    if args.section == "governance":
+        progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+        return _governance(args, progress)
     if args.section != "learn-to-learn":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _closed_loop(args, progress)
@@ -95,7 +116,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
     p.set_defaults(func=cmd_evaluate)

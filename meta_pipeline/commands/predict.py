@@ -1,5 +1,9 @@
 """meta-pipeline predict --domain NAME FILE: apply a domain's overrides to trades (CSV trade_id,edge).
 
+With --strategy-weights a third column, strategy_weight, carries each trade's weight from
+the active STRATEGY_CONFIG configs. Overrides past their valid_until at a trade's
+closed_at are not applied to it (the count goes to stderr).
+
 The CSV (header ``trade_id,edge``) goes to stdout, or to ``-o FILE``, and nothing else
 goes there: every note and warning is on stderr. A domain the store does not know, a file
 that cannot be read or a bad ``-o`` end in one ``error:`` line and exit 2 (cli.py).
@@ -48,7 +52,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     as_of = _as_of(args.as_of)
     store = open_store(args)
     try:
-        result = predict_file(store, domain, path, version=args.version, as_of=as_of)
+        result = predict_file(store, domain, path, version=args.version, as_of=as_of,
+                              with_weights=args.strategy_weights)
     except UnknownDomainError as exc:
         raise UserError(None, str(exc), "check --domain (and --db-url), or ingest its trades first") from exc
 
@@ -67,6 +72,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _note(f"note: no knobs recorded with {domain}'s overrides; tier2_enabled="
               f"{int(bool(result.attrs.get('tier2_enabled')))} from {result.attrs.get('knobs_source')}")
 
+    if result.attrs.get("n_expired"):
+        _note(f"note: {result.attrs['n_expired']} trade(s) closed after the valid_until of the override that "
+              "would apply: that override was skipped for them (expired edges are not applied)")
+
     skipped = result.attrs.get("quarantine")
     n_skipped = 0 if skipped is None else len(skipped)
     if n_skipped:
@@ -82,7 +91,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _note(f"note: {path.name} has no trades: the CSV is the header alone")
 
     text = io.StringIO()
-    result[["trade_id", "edge"]].to_csv(text, index=False, float_format="%.6g")
+    columns = ["trade_id", "edge", *(["strategy_weight"] if args.strategy_weights else [])]
+    result[columns].to_csv(text, index=False, float_format="%.6g")
     if output is None:
         sys.stdout.write(text.getvalue())
         sys.stdout.flush()
@@ -106,6 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--domain", required=True)
     p.add_argument("--output", "-o", default=None, help="write the CSV here instead of stdout")
     p.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: META_PIPELINE_DB_URL or data/meta.db)")
+    p.add_argument("--strategy-weights", action="store_true",
+                   help="add a strategy_weight column: the trade's strategy × regime weight from the active "
+                        "STRATEGY_CONFIG configs (1 where none)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--version", type=int, default=None, help="re-apply this past overrides version exactly")
     when.add_argument("--as-of", default=None, help="re-apply the overrides version in effect at this ISO-8601 time")

@@ -87,6 +87,8 @@ class DiagnosticsSettings:
     recent_window: int = 20
     knn_k: int = 20
     knn_top: int = 5
+    tail_alpha: float = 0.05  # expected shortfall: mean of the worst 5 % of a cell's returns
+    n_bootstrap: int = 400  # bootstrap resamples of the stress of a cell's weight cut
     seed: int = 20260601
 
 
@@ -536,6 +538,281 @@ def nearest_configs(telemetry: pd.DataFrame, reward: np.ndarray, names: list[str
 
 
 # ---------------------------------------------------------------------------
+# strategies against their peers, tails, dispersion, attributes, risk overrides
+# ---------------------------------------------------------------------------
+
+
+def _welch_one_sided_less(m1: np.ndarray, v1: np.ndarray, n1: np.ndarray, m2: np.ndarray, v2: np.ndarray,
+                          n2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Welch test of "mean 1 < mean 2": (difference m1 − m2, its standard error, one-sided p)."""
+    se1, se2 = np.sqrt(np.maximum(v1, 0) / n1), np.sqrt(np.maximum(v2, 0) / n2)
+    se = np.sqrt(se1**2 + se2**2)
+    df = _welch_df(se1, n1, se2, n2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (m1 - m2) / se
+        p = stats.t.cdf(t, np.maximum(df, 1))
+    ok = np.isfinite(t) & (n1 >= 2) & (n2 >= 2)
+    return m1 - m2, se, np.where(ok, p, np.nan)
+
+
+def strategy_vs_peers(trades: pd.DataFrame, min_n: int) -> pd.DataFrame:
+    """Per strategy × regime cell: is it worse than its peers in the regime AND than itself elsewhere?
+
+    Peers = the other strategies' trades in the same regime; own = the strategy's trades
+    in its other regimes. Each comparison is a one-sided Welch test of "cell mean <
+    comparison mean"; the cell's p-value is the larger of the two (an intersection–union
+    test: it is small only when the cell falls short of both). ``shortfall`` = the smaller
+    of the two differences (R per trade), ``shortfall_sd`` = shortfall / the cell's sd.
+    Sums and sums of squares per cell make it one pass (no loop over cells).
+    """
+    r = trades["return_r"].to_numpy(dtype=float)
+    frame = pd.DataFrame({"strategy_id": trades["strategy_id"].astype(str).to_numpy(),
+                          "regime": trades["regime"].astype(str).to_numpy(), "r": r, "r2": r * r})
+    cell = frame.groupby(["strategy_id", "regime"], sort=True).agg(n=("r", "size"), s=("r", "sum"), q=("r2", "sum"))
+    cell = cell.reset_index()
+    by_regime = cell.groupby("regime")[["n", "s", "q"]].sum().add_prefix("g_")
+    by_strategy = cell.groupby("strategy_id")[["n", "s", "q"]].sum().add_prefix("o_")
+    cell = cell.join(by_regime, on="regime").join(by_strategy, on="strategy_id")
+    n, s_, q = (cell[c].to_numpy(dtype=float) for c in ("n", "s", "q"))
+    pn, ps, pq = cell["g_n"].to_numpy(float) - n, cell["g_s"].to_numpy(float) - s_, cell["g_q"].to_numpy(float) - q
+    on, os_, oq = cell["o_n"].to_numpy(float) - n, cell["o_s"].to_numpy(float) - s_, cell["o_q"].to_numpy(float) - q
+
+    def mean_var(cnt: np.ndarray, tot: np.ndarray, sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            m = tot / cnt
+            v = (sq - cnt * m * m) / (cnt - 1)
+        return m, v
+
+    m, v = mean_var(n, s_, q)
+    pm, pv = mean_var(pn, ps, pq)
+    om, ov = mean_var(on, os_, oq)
+    d_peer, _, p_peer = _welch_one_sided_less(m, v, n, pm, pv, pn)
+    d_own, _, p_own = _welch_one_sided_less(m, v, n, om, ov, on)
+    out = pd.DataFrame({
+        "strategy_id": cell["strategy_id"], "regime": cell["regime"], "n": n.astype(int), "mean": m,
+        "sd": np.sqrt(np.maximum(v, 0)), "peer_mean": pm, "peer_n": pn.astype(int), "own_mean": om,
+        "own_n": on.astype(int), "p_peer": p_peer, "p_own": p_own,
+    })
+    out["shortfall"] = np.minimum(-d_peer, -d_own)  # the smaller of the two shortfalls (R per trade)
+    out["p_value"] = np.where(np.isfinite(p_peer) & np.isfinite(p_own), np.fmax(p_peer, p_own), np.nan)  # both needed
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["shortfall_sd"] = np.where(out["sd"] > 0, out["shortfall"] / out["sd"], 0.0)
+    return out[(out["n"] >= min_n) & out["p_value"].notna()].reset_index(drop=True)
+
+
+def expected_shortfall(x: np.ndarray, alpha: float) -> float:
+    """Mean of the worst ⌈alpha·n⌉ returns (the empirical expected shortfall at level alpha)."""
+    if len(x) == 0:
+        return float("nan")
+    k = max(1, int(math.ceil(alpha * len(x))))
+    return float(np.sort(x)[:k].mean())
+
+
+def max_drawdown(path: np.ndarray) -> np.ndarray:
+    """Largest peak-to-trough fall of cumulative R along the last axis (≥ 0; the peak includes the start at 0)."""
+    cum = np.cumsum(path, axis=-1)
+    peak = np.maximum.accumulate(np.maximum(cum, 0.0), axis=-1)
+    return (peak - cum).max(axis=-1)
+
+
+STRESS_WEIGHTS = (1.0, 0.75, 0.5, 0.25)  # the cell weights the bootstrap stress evaluates
+
+
+def tail_and_stress(trades: pd.DataFrame, min_n: int, alpha: float, n_boot: int,
+                    rng: np.random.Generator, stress_cells: set[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Per strategy × regime: expected shortfall and max drawdown (cell trades in closed_at order), and a
+    bootstrap stress of cutting the cell's weight.
+
+    Stress: the strategy's trades are resampled with replacement ``n_boot`` times (same n, iid);
+    in each resample the cell's trades are scaled by w ∈ STRESS_WEIGHTS and the strategy's total R
+    and max drawdown are recomputed. Reported: quantiles (5 %, 50 %, 95 %) of the cell's total R
+    (the change in total R of weight w is exactly (w − 1)·that total) and the median and 95 %
+    quantile of the strategy's drawdown at each w. Only the cells in ``stress_cells`` (None: all)
+    are stressed — the diagnostics stress the cells a proposal may cut (one-sided peer p ≤ 0.05).
+    """
+    order = np.argsort(pd.to_datetime(trades["closed_at"], utc=True).to_numpy(), kind="stable") \
+        if "closed_at" in trades.columns else np.arange(len(trades))
+    t = trades.iloc[order]
+    rows = []
+    for strategy, st in t.groupby(t["strategy_id"].astype(str), sort=True):
+        r_all = st["return_r"].to_numpy(dtype=float)
+        reg = st["regime"].astype(str).to_numpy()
+        for regime in sorted(set(reg)):
+            in_cell = reg == regime
+            x = r_all[in_cell]
+            if len(x) < min_n:
+                continue
+            row = {"strategy_id": strategy, "regime": regime, "n": len(x),
+                   "expected_shortfall": expected_shortfall(x, alpha), "max_drawdown": float(max_drawdown(x)),
+                   "cell_total": float(x.sum())}
+            if stress_cells is None or (strategy, regime) in stress_cells:
+                idx = rng.integers(0, len(r_all), size=(n_boot, len(r_all)))
+                sample, mask = r_all[idx], in_cell[idx]
+                cell_total = np.where(mask, sample, 0.0).sum(axis=1)
+                dd = {w: max_drawdown(np.where(mask, sample * w, sample)) for w in STRESS_WEIGHTS}
+                row |= {
+                    "boot_cell_total_q": [float(v) for v in np.quantile(cell_total, [0.05, 0.5, 0.95])],
+                    "boot_p_cell_total_negative": float((cell_total < 0).mean()),
+                    "boot_drawdown": {str(w): [float(np.median(dd[w])), float(np.quantile(dd[w], 0.95))]
+                                      for w in STRESS_WEIGHTS},
+                }
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def regime_dispersion(trades: pd.DataFrame, min_n: int) -> pd.DataFrame:
+    """Per strategy: how its performance spreads across regimes.
+
+    * ``between_regime_sd`` — the n-weighted sd of its regime means (R per trade);
+    * ``pnl_entropy`` — normalized Shannon entropy of the shares |S_g| / Σ|S_g| of its total R
+      by regime (S_g = total R in regime g): 1 = spread evenly, 0 = all in one regime;
+    * ``regime_information`` — mutual information (nats, plug-in) between the regime and the
+      sign of the return: how much knowing the regime tells about winning.
+    """
+    rows = []
+    for strategy, st in trades.groupby(trades["strategy_id"].astype(str), sort=True):
+        g = st.groupby(st["regime"].astype(str))["return_r"].agg(["mean", "sum", "size"])
+        g = g[g["size"] >= min_n]
+        if len(g) < 2:
+            continue
+        w = g["size"].to_numpy(float) / g["size"].sum()
+        means = g["mean"].to_numpy(float)
+        between = float(np.sqrt(np.sum(w * (means - np.sum(w * means)) ** 2)))
+        a = np.abs(g["sum"].to_numpy(float))
+        p = a / a.sum() if a.sum() > 0 else np.full(len(a), 1 / len(a))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = float(-np.sum(np.where(p > 0, p * np.log(p), 0.0)) / math.log(len(p)))
+        sub = st[st["regime"].astype(str).isin(g.index)]
+        counts = pd.crosstab(sub["regime"].astype(str), sub["return_r"] > 0).to_numpy(float)
+        mi = float(_mi_from_counts(counts)) if counts.shape[1] == 2 else 0.0
+        rows.append({"strategy_id": strategy, "between_regime_sd": between, "pnl_entropy": entropy,
+                     "regime_information": mi, "n_regimes": len(g), "n": int(g["size"].sum()),
+                     "regime_means": {k: _clean(v) for k, v in zip(g.index, means)}})
+    return pd.DataFrame(rows)
+
+
+RISK_OVERRIDE_KEY = "risk_override"  # scope.risk_override = the reason a risk manager overrode the trade
+ATTRIBUTE_MAX_VALUES = 20  # a scope key with at most this many values is an attribute (sector, profile, ...)
+ATTRIBUTE_MAX_KEYS = 10
+
+
+def attribute_performance(trades: pd.DataFrame, scope: pd.DataFrame, level: float, min_n: int
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean return per value of each attribute-like scope key (few distinct values, e.g. sector,
+    profile) with t intervals, and per key a one-way ANOVA F test of "every value has the same mean"."""
+    sc = scope[scope["key"].astype(str) != RISK_OVERRIDE_KEY]
+    if sc.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    n_values = sc.groupby("key")["value"].nunique()
+    keys = sorted(n_values[(n_values >= 2) & (n_values <= ATTRIBUTE_MAX_VALUES)].index.astype(str))[:ATTRIBUTE_MAX_KEYS]
+    merged = sc[sc["key"].isin(keys)].merge(trades[["trade_id", "return_r"]], on="trade_id")
+    if merged.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    perf = group_performance(merged, ["key", "value"], level, min_n)
+    anova = []
+    for key, part in merged.groupby("key"):
+        groups = [x.to_numpy(float) for _, x in part.groupby("value")["return_r"] if len(x) >= min_n]
+        if len(groups) >= 2:
+            f, p = stats.f_oneway(*groups)
+            anova.append({"key": key, "f": float(f), "p_value": float(p), "n": int(sum(map(len, groups))),
+                          "k": len(groups)})
+    return perf, pd.DataFrame(anova)
+
+
+def risk_override_effects(trades: pd.DataFrame, scope: pd.DataFrame, level: float) -> pd.DataFrame:
+    """Frequency and impact of risk overrides (``scope.risk_override`` = reason; absent = none):
+    per reason and for all reasons together, the share of trades overridden and the mean return of
+    overridden trades minus the others' (Welch interval, two-sided p)."""
+    ro = scope[scope["key"].astype(str) == RISK_OVERRIDE_KEY][["trade_id", "value"]].drop_duplicates("trade_id")
+    if ro.empty:
+        return pd.DataFrame()
+    reason = trades[["trade_id", "return_r"]].merge(ro, on="trade_id", how="left")
+    r = reason["return_r"].to_numpy(float)
+    out = []
+    groups = [("all", reason["value"].notna().to_numpy())]
+    groups += [(str(v), (reason["value"] == v).to_numpy()) for v in sorted(ro["value"].astype(str).unique())]
+    none = ~reason["value"].notna().to_numpy()
+    y = r[none]
+    for name, mask in groups:
+        x = r[mask]
+        n1, n0 = float(len(x)), float(len(y))
+        v1 = x.var(ddof=1) if n1 > 1 else np.nan
+        v0 = y.var(ddof=1) if n0 > 1 else np.nan
+        m1 = x.mean() if n1 else np.nan
+        m0 = y.mean() if n0 else np.nan
+        diff, se, _ = _welch_one_sided_less(np.array([m1]), np.array([v1]), np.array([n1]), np.array([m0]),
+                                            np.array([v0]), np.array([n0]))
+        df = _welch_df(np.sqrt(np.array([v1 / max(n1, 1)])), np.array([n1]), np.sqrt(np.array([v0 / max(n0, 1)])),
+                       np.array([n0]))
+        lo, hi = _t_interval(diff, se, df, level)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = _two_sided_p(diff / se, df)
+        out.append({"reason": name, "n": int(n1), "frequency": n1 / max(len(r), 1), "impact": float(diff[0]),
+                    "ci_low": float(lo[0]), "ci_high": float(hi[0]), "p_value": float(p[0]),
+                    "overridden_mean": float(m1), "others_mean": float(m0)})
+    return pd.DataFrame(out)
+
+
+def _governance_rows(d: str, trades: pd.DataFrame, scope: pd.DataFrame | None, s: DiagnosticsSettings,
+                     notes: list[str]) -> list[pd.DataFrame]:
+    """The sections of the seed's diagnostics that need trades alone (and scope, when sent)."""
+    blocks = []
+    peers = strategy_vs_peers(trades, s.min_group_n)
+    if len(peers):
+        details = [{k: (_clean(v) if isinstance(v, float) else v) for k, v in row.items()
+                    if k not in ("shortfall", "p_value")} | {"test": "one-sided Welch vs peers and vs own other "
+                                                            "regimes; p = the larger (intersection-union)"}
+                   for row in peers.to_dict(orient="records")]
+        blocks.append(_rows(d, "strategy_vs_peers", (peers["strategy_id"] + "/" + peers["regime"]).to_numpy(),
+                            "shortfall_return_r", peers["shortfall"], n=peers["n"], p_value=peers["p_value"],
+                            details=details))
+    else:
+        notes.append("no strategy × regime cell has both peers and other regimes: strategy-vs-peers skipped")
+    suspects = {(a, b) for a, b, p in zip(peers.get("strategy_id", []), peers.get("regime", []), peers.get("p_value", []))
+                if p <= 0.05}
+    tail = tail_and_stress(trades, max(s.min_group_n, 5), s.tail_alpha, s.n_bootstrap, _domain_rng(s, d + "/tail"),
+                           suspects)
+    if len(tail):
+        subject = (tail["strategy_id"] + "/" + tail["regime"]).to_numpy()
+        details = [{k: v for k, v in row.items() if k not in ("expected_shortfall", "max_drawdown")
+                    and not (isinstance(v, float) and math.isnan(v))}
+                   | {"alpha": s.tail_alpha, "n_bootstrap": s.n_bootstrap if "boot_drawdown" in row and
+                      isinstance(row["boot_drawdown"], dict) else 0} for row in tail.to_dict(orient="records")]
+        blocks.append(_rows(d, "tail", subject, "expected_shortfall", tail["expected_shortfall"], n=tail["n"],
+                            details=details))
+        blocks.append(_rows(d, "tail", subject, "max_drawdown", tail["max_drawdown"], n=tail["n"], details=details))
+    disp = regime_dispersion(trades, s.min_group_n)
+    for metric in ("between_regime_sd", "pnl_entropy", "regime_information"):
+        if len(disp):
+            blocks.append(_rows(d, "regime_dispersion", disp["strategy_id"].to_numpy(), metric, disp[metric],
+                                n=disp["n"], details=[{"n_regimes": r["n_regimes"], "regime_means": r["regime_means"]}
+                                                      for r in disp.to_dict(orient="records")]))
+    if scope is None or scope.empty:
+        notes.append("no trade_scope: attribute (sector/profile) and risk-override diagnostics skipped")
+        return blocks
+    perf, anova = attribute_performance(trades, scope, s.confidence_level, s.min_group_n)
+    if len(perf):
+        blocks.append(_rows(d, "by_attribute", (perf["key"] + "=" + perf["value"].astype(str)).to_numpy(),
+                            "mean_return_r", perf["mean"], perf["ci_low"], perf["ci_high"], perf["count"],
+                            perf["p_value"], [{"key": k, "value": v, "std": _clean(sd)} for k, v, sd in
+                                              zip(perf["key"], perf["value"], perf["std"])]))
+    if len(anova):
+        blocks.append(_rows(d, "by_attribute", anova["key"].to_numpy(), "anova_f", anova["f"], n=anova["n"],
+                            p_value=anova["p_value"], details=[{"k": int(k)} for k in anova["k"]]))
+    risk = risk_override_effects(trades, scope, s.confidence_level)
+    if len(risk):
+        det = [{"overridden_mean": _clean(r["overridden_mean"]), "others_mean": _clean(r["others_mean"])}
+               for r in risk.to_dict(orient="records")]
+        blocks.append(_rows(d, "risk_overrides", risk["reason"].to_numpy(), "frequency", risk["frequency"],
+                            n=risk["n"], details=det))
+        blocks.append(_rows(d, "risk_overrides", risk["reason"].to_numpy(), "impact_return_r", risk["impact"],
+                            risk["ci_low"], risk["ci_high"], risk["n"], risk["p_value"], det))
+    else:
+        notes.append(f"no scope.{RISK_OVERRIDE_KEY} on any trade: risk-override frequency and impact skipped")
+    return blocks
+
+
+# ---------------------------------------------------------------------------
 # the whole domain
 # ---------------------------------------------------------------------------
 
@@ -572,6 +849,7 @@ def compute_diagnostics(inputs: DiagnosticsInputs, settings: DiagnosticsSettings
         notes.append("no trades: performance, backtest and override diagnostics skipped")
     else:
         blocks.extend(_performance_rows(d, trades, inputs.trade_patterns, s))
+        blocks.extend(_governance_rows(d, trades, inputs.trade_scope, s, notes))
         if not _present(inputs.trade_patterns):
             notes.append("no trade_patterns: performance by pattern family skipped")
 

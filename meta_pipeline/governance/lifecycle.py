@@ -2,7 +2,8 @@
 
     PENDING ──approve──▶ APPROVED ──apply──▶ APPLIED ──revert──▶ REVERTED
        │  └──reject───▶ REJECTED                ▲
-       └──────────── auto-apply (policy) ───────┘
+       ├──────────── auto-apply (policy) ───────┘
+       └──a newer proposal for the same target──▶ SUPERSEDED
 
 Every transition is one store transaction:
 
@@ -20,6 +21,12 @@ Every transition is one store transaction:
 Apply refuses a stale proposal (the target's active config is no longer the snapshot
 the proposal was made against); revert refuses when the active config is no longer what
 the proposal applied (a later change would be clobbered). Both say what to do instead.
+
+Superseding: when a run inserts a proposal for a target (target_type, target_id) that
+already has a PENDING proposal with other evidence, the older one becomes SUPERSEDED in
+the same transaction (a ``supersede`` row in config_change_log names the newer id), so a
+target never has two PENDING proposals and a reviewer always sees the latest evidence.
+SUPERSEDED is final.
 
 One proposal run (``run_proposal_cycle``): proposals from the fleet's diagnostics are
 generated, inserted (deduplicated) and, when a policy allows it, auto-applied.
@@ -50,7 +57,8 @@ from meta_pipeline.store import MetaStore, insert_frame, lock
 from meta_pipeline.store import configs as config_rows
 
 PROPOSALS_TABLE = "meta_controller_config_proposals"
-STATUSES = ("PENDING", "APPROVED", "REJECTED", "APPLIED", "REVERTED")
+STATUSES = ("PENDING", "APPROVED", "REJECTED", "APPLIED", "REVERTED", "SUPERSEDED")
+SUPERSEDE_ACTOR = "proposal run"  # who supersedes a PENDING proposal (config_change_log.actor)
 # action -> (statuses it may start from, status it leads to)
 TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
     "approve": (frozenset({"PENDING"}), "APPROVED"),
@@ -118,6 +126,7 @@ class TransitionResult:
 class InsertReport:
     inserted: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)  # evidence hashes already PENDING
+    superseded: list[str] = field(default_factory=list)  # PENDING proposals a newer one for their target replaced
 
 
 def _race_window(proposal_id: str) -> None:
@@ -170,7 +179,8 @@ _ID_RE = re.compile(r"^P(\d+)$")
 
 
 def insert_proposals(store: MetaStore, proposals: pd.DataFrame, now: datetime | None = None) -> InsertReport:
-    """Insert new PENDING proposals; one whose evidence_hash is already PENDING is skipped."""
+    """Insert new PENDING proposals; one whose evidence_hash is already PENDING is skipped, and a target's
+    older PENDING proposal (other evidence) becomes SUPERSEDED."""
     report = InsertReport()
     if proposals is None or proposals.empty:
         return report
@@ -195,6 +205,15 @@ def insert_proposals(store: MetaStore, proposals: pd.DataFrame, now: datetime | 
         frame["created_at"] = now
         frame["status"] = "PENDING"
         frame["status_changed_at"] = now
+        for row in frame.itertuples(index=False):
+            for old_id in config_rows.pending_for_target(conn, row.target_type, row.target_id):
+                if config_rows.update_proposal_if(conn, old_id, "PENDING", {"status": "SUPERSEDED",
+                                                                             "status_changed_at": now}) == 1:
+                    config_rows.append_change_log(
+                        conn, changed_at=now, proposal_id=old_id, action="supersede", actor=SUPERSEDE_ACTOR,
+                        target_type=row.target_type, target_id=row.target_id, from_version=None, to_version=None,
+                        before_json=None, after_json=json.dumps({"superseded_by": row.proposal_id}))
+                    report.superseded.append(old_id)
         insert_frame(conn, _P, frame)
         report.inserted = frame["proposal_id"].tolist()
     return report
@@ -330,6 +349,7 @@ class ProposalCycleReport:
     proposals: pd.DataFrame  # proposals generated from them
     inserted: list[str]  # proposal ids inserted as PENDING
     duplicates: list[str]  # evidence hashes already PENDING: skipped
+    superseded: list[str]  # older PENDING proposals of the same targets, now SUPERSEDED
     applied: list[TransitionResult]  # auto-applied by the policy
     skipped: list[str]  # why an allowed proposal was not auto-applied
     new_proposals: pd.DataFrame  # the rows inserted by this run, with their status after auto-apply
@@ -355,7 +375,7 @@ def run_proposal_cycle(store: MetaStore, diagnostics: pd.DataFrame, policy: Auto
     every = list_proposals(store)
     return ProposalCycleReport(
         domains=domains, candidates=candidates, proposals=proposals, inserted=report.inserted,
-        duplicates=report.duplicates, applied=applied, skipped=skipped,
+        duplicates=report.duplicates, superseded=report.superseded, applied=applied, skipped=skipped,
         new_proposals=every[every["proposal_id"].isin(report.inserted)],
         pending=every[every["status"] == "PENDING"].reset_index(drop=True),
     )

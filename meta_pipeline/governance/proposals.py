@@ -62,8 +62,11 @@ import pandas as pd
 from scipy import stats
 
 from meta_pipeline.knobs import KNOBS, default_knobs
+from meta_pipeline.learning.lessons import MAX_SCOPE_DIMS, MIN_SUPPORT
 
-TARGET_TYPES = ("STRATEGY_CONFIG", "META_KNOBS", "PM_OVERRIDES", "RISK_CONFIG")
+TARGET_TYPES = ("STRATEGY_CONFIG", "META_KNOBS", "PM_OVERRIDES")  # RISK_CONFIG was removed: nothing consumed it
+# PROMPT_TEMPLATE (target_id = a task): proposed by prompt_comparison (meta_pipeline.prompts.comparison)
+TARGET_TYPES = (*TARGET_TYPES, "PROMPT_TEMPLATE")
 PROPOSAL_COLUMNS = [
     "domain", "target_type", "target_id", "current_config_snapshot_json", "proposed_config_json",
     "rationale_text", "evidence_json", "evidence_hash", "confidence",
@@ -165,28 +168,62 @@ def _multiplier(d: float, s: ProposalSettings) -> float:
     return round(round(raw / s.multiplier_step) * s.multiplier_step, 4)
 
 
+def _weight_target(d: float, s: ProposalSettings) -> float:
+    """The weight a cell deserves, as a share of full weight (an absolute target, never relative to the
+    current weight: applying it and re-running on the same evidence proposes nothing again)."""
+    return _multiplier(d, s)
+
+
 def strategy_candidates(diag: pd.DataFrame, s: ProposalSettings) -> pd.DataFrame:
-    rows = diag[(diag["section"] == "realized_vs_backtest")]
-    if rows.empty:
-        return pd.DataFrame(columns=CANDIDATE_COLUMNS)
-    details = _details(rows)
-    diff = rows["value"].to_numpy(dtype=float)
-    p = _one_sided_from_two(rows["p_value"].to_numpy(dtype=float), diff, want_negative=True)
+    """STRATEGY_CONFIG candidates: a cell short of its peers and its own other regimes (trades alone),
+    and a cell short of its backtests (when backtest_runs exist)."""
     out = []
-    for (i, row), det, p_i in zip(rows.reset_index(drop=True).iterrows(), details, p):
-        if det.get("regime") in (None, "*"):
-            continue  # a strategy-wide backtest has no regime weight to change
-        sd = det.get("realized_sd") or float("nan")
-        d = max(-row["value"], 0.0) / sd if sd and sd > 0 else 0.0
+    tail_rows = diag[(diag["section"] == "tail") & (diag["metric"] == "max_drawdown")]
+    tails = {(dom, subj): {**det, "max_drawdown": val} for dom, subj, val, det in
+             zip(tail_rows["domain"], tail_rows["subject"], tail_rows["value"], _details(tail_rows))}
+    es_rows = diag[(diag["section"] == "tail") & (diag["metric"] == "expected_shortfall")]
+    shortfalls = {(dom, subj): val for dom, subj, val in zip(es_rows["domain"], es_rows["subject"], es_rows["value"])}
+
+    def tail_facts(domain: str, strategy: str, regime: str) -> dict:
+        key = (domain, f"{strategy}/{regime}")
+        return {"stress": tails.get(key), "expected_shortfall": shortfalls.get(key)} if key in tails else {}
+
+    peers = diag[diag["section"] == "strategy_vs_peers"].reset_index(drop=True)
+    for (_, row), det in zip(peers.iterrows(), _details(peers)):
+        shortfall = float(row["value"]) if pd.notna(row["value"]) else 0.0
+        sd = det.get("sd") or float("nan")
+        d = max(shortfall, 0.0) / sd if sd and sd > 0 else 0.0
         n = int(row["n"]) if pd.notna(row["n"]) else 0
+        p = float(row["p_value"]) if pd.notna(row["p_value"]) and shortfall > 0 else 1.0
         out.append({
             "domain": row["domain"], "target_type": "STRATEGY_CONFIG", "target_id": f"{row['domain']}/{det['strategy_id']}",
-            "part_key": f"shortfall:{det['regime']}", "p_value": float(p_i), "effect": d,
+            "part_key": f"peers:{det['regime']}", "p_value": p, "effect": d,
             "effect_factor": min(1.0, d / s.strategy_effect_ref), "n": n, "sample_factor": n / (n + s.n0_trades),
-            "change": {"regime": det["regime"], "multiplier": _multiplier(d, s)},
-            "facts": {**det, "diff": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                      "p_two_sided": row["p_value"], "shortfall_sd": d},
+            "change": {"regime": det["regime"], "weight": _weight_target(d, s)},
+            "facts": {**det, "shortfall": shortfall, "p_one_sided": p, "shortfall_sd": d,
+                      **tail_facts(row["domain"], det["strategy_id"], det["regime"])},
         })
+    rows = diag[(diag["section"] == "realized_vs_backtest")].reset_index(drop=True)
+    if len(rows):
+        details = _details(rows)
+        diff = rows["value"].to_numpy(dtype=float)
+        p_one = _one_sided_from_two(rows["p_value"].to_numpy(dtype=float), diff, want_negative=True)
+        for (_, row), det, p_i in zip(rows.iterrows(), details, p_one):
+            if det.get("regime") in (None, "*"):
+                continue  # a strategy-wide backtest has no regime weight to change
+            sd = det.get("realized_sd") or float("nan")
+            d = max(-row["value"], 0.0) / sd if sd and sd > 0 else 0.0
+            n = int(row["n"]) if pd.notna(row["n"]) else 0
+            out.append({
+                "domain": row["domain"], "target_type": "STRATEGY_CONFIG",
+                "target_id": f"{row['domain']}/{det['strategy_id']}",
+                "part_key": f"shortfall:{det['regime']}", "p_value": float(p_i), "effect": d,
+                "effect_factor": min(1.0, d / s.strategy_effect_ref), "n": n, "sample_factor": n / (n + s.n0_trades),
+                "change": {"regime": det["regime"], "weight": _weight_target(d, s)},
+                "facts": {**det, "diff": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
+                          "p_two_sided": row["p_value"], "shortfall_sd": d,
+                          **tail_facts(row["domain"], det["strategy_id"], det["regime"])},
+            })
     return pd.DataFrame(out, columns=CANDIDATE_COLUMNS)
 
 
@@ -240,12 +277,12 @@ def churn_candidates(diag: pd.DataFrame, s: ProposalSettings) -> pd.DataFrame:
         churn = float(row["value"])
         changed = det.get("n_added", 0) + det.get("n_removed", 0)
         p = float(stats.binom.sf(changed - 1, n, s.churn_base))
-        multiplier = min(2.0, round((1.0 + churn) * 4) / 4)
+        min_support = int(min(4 * MIN_SUPPORT, math.ceil(MIN_SUPPORT * (1.0 + churn) / 5) * 5))
         out.append({
             "domain": row["domain"], "target_type": "PM_OVERRIDES", "target_id": str(row["domain"]),
             "part_key": "override_churn", "p_value": p, "effect": churn,
             "effect_factor": float(np.clip((churn - s.churn_base) / s.churn_effect_ref, 0.0, 1.0)), "n": n,
-            "sample_factor": n / (n + s.n0_overrides), "change": {"min_support_multiplier": multiplier},
+            "sample_factor": n / (n + s.n0_overrides), "change": {"min_support": min_support},
             "facts": {**det, "churn": churn},
         })
     return pd.DataFrame(out, columns=CANDIDATE_COLUMNS)
@@ -276,14 +313,14 @@ def default_snapshot(target_type: str, target_id: str, *, current_knobs: Mapping
 
     STRATEGY_CONFIG: weight 1.0 in every regime seen. META_KNOBS: the knobs in effect
     (active config, else controller state, else knob defaults — decided by the caller).
-    PM_OVERRIDES: min_support_multiplier 1.0.
+    PM_OVERRIDES: the mining defaults (min_support 30, max_scope_dims 2).
     """
     if target_type == "STRATEGY_CONFIG":
         return {"strategy_id": target_id.split("/", 1)[-1], "regime_weights": {r: 1.0 for r in sorted(regimes or [])}}
     if target_type == "META_KNOBS":
         return {k: float(v) for k, v in {**default_knobs(), **(current_knobs or {})}.items()}
     if target_type == "PM_OVERRIDES":
-        return {"min_support_multiplier": 1.0}
+        return {"min_support": MIN_SUPPORT, "max_scope_dims": MAX_SCOPE_DIMS}
     return {}
 
 
@@ -292,12 +329,12 @@ def _apply_change(target_type: str, config: dict, change: dict) -> dict:
     if target_type == "STRATEGY_CONFIG":
         weights = new.setdefault("regime_weights", {})
         old = float(weights.get(change["regime"], 1.0))
-        weights[change["regime"]] = round(old * change["multiplier"], 4)
+        weights[change["regime"]] = round(min(old, float(change["weight"])), 4)  # an absolute target: never compounds
     elif target_type == "META_KNOBS":
         for k, v in change["knobs"].items():
             new[k] = float(v)
     elif target_type == "PM_OVERRIDES":
-        new["min_support_multiplier"] = float(change["min_support_multiplier"])
+        new["min_support"] = max(int(new.get("min_support", MIN_SUPPORT)), int(change["min_support"]))
     return new
 
 
@@ -319,13 +356,24 @@ def _rationale(c: dict, before: dict, after: dict) -> str:
         regime = c["change"]["regime"]
         old_w = float(before.get("regime_weights", {}).get(regime, 1.0))
         new_w = float(after["regime_weights"][regime])
+        change_text = (f"Proposed: lower its weight in {regime} from {old_w:.2f} to {new_w:.2f} (a target share of "
+                       f"full weight, 1 − shortfall in sd, bounded to [0.25, 0.9]; never compounded on re-runs).")
+        stress = _stress_text(f.get("stress"), new_w)
+        if c["part_key"].startswith("peers:"):
+            return (
+                f"Strategy {f['strategy_id']} in regime {regime} (domain {c['domain']}) returned {_fmt(f.get('mean'))} R "
+                f"per trade over {c['n']} trades, while the other strategies in {regime} returned "
+                f"{_fmt(f.get('peer_mean'))} R ({f.get('peer_n')} trades) and {f['strategy_id']} itself returned "
+                f"{_fmt(f.get('own_mean'))} R in its other regimes ({f.get('own_n')} trades): a shortfall of at least "
+                f"{f['shortfall']:.3f} R, {c['effect']:.2f} standard deviations (one-sided Welch tests against both, "
+                f"p = the larger; {stats_text}). {change_text}{stress}"
+            )
         return (
             f"Strategy {f['strategy_id']} in regime {regime} (domain {c['domain']}) returned {_fmt(f.get('realized_mean'))} R "
             f"per trade over {c['n']} trades, while its {f.get('backtest_runs')} backtest run(s) "
             f"({f.get('backtest_n')} simulated trades) expected {_fmt(f.get('backtest_mean'))} R: a shortfall of "
             f"{-f['diff']:.3f} R (95% CI {-f['ci_high']:.3f} to {-f['ci_low']:.3f}), {c['effect']:.2f} standard "
-            f"deviations ({stats_text}). Proposed: lower its weight in {regime} from {old_w:.2f} to {new_w:.2f} "
-            f"(× {c['change']['multiplier']:.2f}, in proportion to the shortfall, bounded to [0.25, 0.9])."
+            f"deviations ({stats_text}). {change_text}{stress}"
         )
     if tt == "META_KNOBS" and c["part_key"].startswith("knob:"):
         knob = f["knob"]
@@ -347,9 +395,29 @@ def _rationale(c: dict, before: dict, after: dict) -> str:
         return (
             f"{f.get('n_added', 0)} overrides appeared and {f.get('n_removed', 0)} disappeared in domain {c['domain']} "
             f"since the previous run: churn {f['churn']:.0%} of {c['n']} against a {20}% base turnover ({stats_text}). "
-            f"Proposed: require {c['change']['min_support_multiplier']:.2f}× the minimum support for an override."
+            f"Proposed: mine lessons (and so overrides) only with support ≥ {after.get('min_support')} trades "
+            f"(was {before.get('min_support', MIN_SUPPORT)})."
         )
     return f"{tt} {c['target_id']}: {stats_text}."
+
+
+def _stress_text(stress: Mapping | None, weight: float) -> str:
+    """The bootstrap stress of a weight cut in words (diagnostics ``tail`` rows)."""
+    if not stress or "boot_cell_total_q" not in stress:
+        return ""
+    q05, q50, q95 = stress["boot_cell_total_q"]
+    gain = [(weight - 1.0) * q for q in (q95, q50, q05)]  # ΔR = (w − 1)·cell total: order flips
+    dd = stress.get("boot_drawdown", {})
+    grid = sorted(float(w) for w in dd)
+    nearest = min(grid, key=lambda w: abs(w - weight)) if grid else None
+    text = (f" Bootstrap stress ({stress.get('n_bootstrap')} resamples of the strategy's trades): the cut changes its "
+            f"total R by {gain[1]:+.1f} (90% interval {gain[0]:+.1f} to {gain[2]:+.1f}); P(cell total < 0) "
+            f"{stress['boot_p_cell_total_negative']:.2f}")
+    if nearest is not None:
+        base, cut = dd[str(1.0)], dd[str(nearest)]
+        text += (f"; median max drawdown {base[0]:.1f} R at full weight vs {cut[0]:.1f} R at weight {nearest:g} "
+                 f"(95th percentile {base[1]:.1f} vs {cut[1]:.1f})")
+    return text + "."
 
 
 def generate_proposals(
@@ -379,27 +447,41 @@ def generate_proposals(
         snapshot = dict(current_configs.get((tt, tid)) or default_snapshot(
             tt, tid, current_knobs=current_knobs.get(domain), regimes=regimes.get(tid)))
         proposed, parts, texts = snapshot, [], []
-        # strongest evidence first: a later part never overrides a knob an earlier part set
+        # strongest evidence first: a later part never overrides a knob (or a strategy's regime) an
+        # earlier part set; a later part on the same strategy regime is recorded as supporting evidence
         taken: set[str] = set()
+        deciding: dict[str, dict] = {}
         for c in group.sort_values(["confidence", "part_key"], ascending=[False, True]).to_dict(orient="records"):
             change = c["change"]
-            if tt == "META_KNOBS":
-                change = {"knobs": {k: v for k, v in change["knobs"].items() if k not in taken}}
-                taken |= set(change["knobs"])
-            after = _apply_change(tt, proposed, change)
-            if canonical(after) == canonical(proposed):
-                continue  # no-op against the current config
-            texts.append(_rationale({**c, "change": change}, proposed, after))
-            proposed = after
-            parts.append({
+            part = {
                 "part_key": c["part_key"], "p_value": c["p_value"], "q_value": c["q_value"],
                 "effect": c["effect"], "effect_factor": c["effect_factor"], "n": c["n"],
                 "sample_factor": c["sample_factor"], "confidence": c["confidence"], "change": change,
-                "facts": c["facts"],
-            })
+                "facts": c["facts"], "role": "decides",
+            }
+            if tt == "STRATEGY_CONFIG" and change["regime"] in deciding:
+                if deciding[change["regime"]]["proposed"]:
+                    parts.append({**part, "role": "supports"})
+                continue
+            if tt == "META_KNOBS":
+                change = {"knobs": {k: v for k, v in change["knobs"].items() if k not in taken}}
+                taken |= set(change["knobs"])
+                part["change"] = change
+            after = _apply_change(tt, proposed, change)
+            if tt == "STRATEGY_CONFIG":
+                deciding[change["regime"]] = {"proposed": canonical(after) != canonical(proposed)}
+            if canonical(after) == canonical(proposed):
+                continue  # no-op against the current (applied) config: the same evidence does not cut again
+            texts.append(_rationale({**c, "change": change}, proposed, after))
+            proposed = after
+            parts.append(part)
         if not parts:
             continue
-        conf = float(min(p["confidence"] for p in parts))
+        conf = float(min(p["confidence"] for p in parts if p["role"] == "decides"))
+        if tt == "STRATEGY_CONFIG" and any(p["role"] == "supports" for p in parts):
+            texts.append("Supporting evidence for the same regime: " + "; ".join(
+                f"{p['part_key']} (q {_fmt_p(p['q_value'])}, confidence {p['confidence']:.2f})"
+                for p in parts if p["role"] == "supports") + ".")
         evidence = {
             "parts": parts,
             "n_candidate_tests": int(len(cand)),
@@ -416,7 +498,8 @@ def generate_proposals(
             "proposed_config_json": canonical_json(proposed),
             "rationale_text": " ".join(texts),
             "evidence_json": json.dumps(canonical(evidence), sort_keys=True),
-            "evidence_hash": evidence_hash(tt, tid, snapshot, proposed, [p["part_key"] for p in parts]),
+            "evidence_hash": evidence_hash(tt, tid, snapshot, proposed,
+                                           [p["part_key"] for p in parts if p["role"] == "decides"]),
             "confidence": conf,
         })
     out = pd.DataFrame(proposals, columns=PROPOSAL_COLUMNS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,6 +250,27 @@ def _candidates(
 
 
 MIN_SUPPORT = 30  # trades a lesson needs (the default of mine_lessons)
+MAX_SCOPE_DIMS = 2  # scope keys a lesson may condition on (the default of mine_lessons)
+
+
+@dataclass(frozen=True)
+class MiningSettings:
+    """min_support and max_scope_dims in effect: the active PM_OVERRIDES config's, else the defaults."""
+
+    min_support: int = MIN_SUPPORT
+    max_scope_dims: int = MAX_SCOPE_DIMS
+    source: str = "defaults"
+
+
+def mining_settings(active: tuple[int, Mapping[str, object]] | None) -> MiningSettings:
+    """The mining settings from ``store.active_config("PM_OVERRIDES", domain)`` ((version, config) or None).
+    Values outside min_support ∈ [2, 10000], max_scope_dims ∈ [0, 4] are clipped into range."""
+    if active is None:
+        return MiningSettings()
+    version, config = active
+    support = int(np.clip(int(config.get("min_support", MIN_SUPPORT)), 2, 10_000))
+    dims = int(np.clip(int(config.get("max_scope_dims", MAX_SCOPE_DIMS)), 0, 4))
+    return MiningSettings(support, dims, f"configs v{version}")
 
 
 def mine_lessons(

@@ -21,10 +21,24 @@ instead of predicting 0 for every trade; a known domain without overrides still 
 (the regime term, or 0) and says so in ``result.attrs["n_overrides"]`` /
 ``result.attrs["regime_term"]``. A file that cannot be read at all (not UTF-8, empty, not
 the format its extension says) raises ContractError naming it.
+
+Edges expire: an override row applies to a trade only while the trade's ``closed_at`` is
+not past the row's ``valid_until`` (the learning step sets it from the edge's decay; a
+domain that stopped trading therefore stops getting its old edges once they run out).
+A trade whose winning override had expired is predicted without it (the next override
+of that factor may win); ``result.attrs["n_expired"]`` counts those trades and the CLI
+says so on stderr.
+
+Strategy weights: the active STRATEGY_CONFIG configs of a domain (target
+``<domain>/<strategy_id>``, ``{"strategy_id", "regime_weights": {regime: weight}}``) are
+what an engine sizes by; :func:`strategy_weights` reads them and ``predict_trades(...,
+with_weights=True)`` adds each trade's ``strategy_weight`` (1.0 when no config says
+otherwise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +55,9 @@ from meta_pipeline.contracts import (
 )
 from meta_pipeline.learning.overrides import OverrideModel
 
-__all__ = ["UnknownDomainError", "override_model", "predict_file", "predict_trades"]
+STRATEGY_TARGET = "STRATEGY_CONFIG"
+
+__all__ = ["UnknownDomainError", "override_model", "predict_file", "predict_trades", "strategy_weights"]
 
 # Tables whose rows make a domain known to the store (any one is enough).
 DOMAIN_EVIDENCE = ("trades", "pm_overrides", "pm_overrides_versions", "learning_regime_weights", "telemetry",
@@ -183,8 +199,9 @@ def predict_trades(
     *,
     version: int | None = None,
     as_of: pd.Timestamp | str | None = None,
+    with_weights: bool = False,
 ) -> pd.DataFrame:
-    """``trade_id, edge`` for each valid trade, in input order.
+    """``trade_id, edge`` for each valid trade, in input order (plus ``strategy_weight`` with ``with_weights``).
 
     ``store_or_frames``: a MetaStore (the domain's ``pm_overrides`` and
     ``learning_regime_weights`` are read from it; knobs the rows do not record come
@@ -204,8 +221,13 @@ def predict_trades(
     """
     model = override_model(store_or_frames, domain, version=version, as_of=as_of)
     batch = _as_batch(trades, domain)
-    edge = model.predict(batch.trades, batch.patterns, batch.scope, batch.metrics)
+    edge, n_expired = _predict_unexpired(model, batch)
     out = pd.DataFrame({"trade_id": edge.index.to_numpy(), "edge": edge.to_numpy()})
+    out.attrs["n_expired"] = n_expired
+    if with_weights:
+        weights = strategy_weights(store_or_frames, domain) if not isinstance(store_or_frames, Mapping) else \
+            store_or_frames.get("strategy_weights", _empty_weights())
+        out["strategy_weight"] = weight_of_trades(batch.trades, weights)
     out.attrs["quarantine"] = _int_lines(batch.quarantine)
     out.attrs["n_overrides"] = len(model.rows) if model.rows is not None else 0
     weights = model.regime_weights
@@ -218,6 +240,82 @@ def predict_trades(
 
 
 def predict_file(store: Any, domain: str, path: str | Path, *, version: int | None = None,
-                 as_of: pd.Timestamp | str | None = None) -> pd.DataFrame:
+                 as_of: pd.Timestamp | str | None = None, with_weights: bool = False) -> pd.DataFrame:
     """``trade_id, edge`` for a trades file in the ingest contract (what the CLI prints as CSV)."""
-    return predict_trades(store, domain, Path(path), version=version, as_of=as_of)
+    return predict_trades(store, domain, Path(path), version=version, as_of=as_of, with_weights=with_weights)
+
+
+def _predict_unexpired(model: OverrideModel, batch: TradesBatch) -> tuple[pd.Series, int]:
+    """Edges with every override row dropped for the trades closed after its ``valid_until``.
+
+    Trades are grouped by how many rows have expired at their closed_at (rows sorted by
+    valid_until): one prediction per group with the rows still valid. Returns the edges (in
+    trade order) and the number of trades whose winning override had expired.
+    """
+    trades = batch.trades
+    rows = model.rows
+    if rows is None or not len(rows) or "valid_until" not in rows.columns or not len(trades):
+        return model.predict(trades, batch.patterns, batch.scope, batch.metrics), 0
+    until = pd.to_datetime(rows["valid_until"], utc=True)
+    until_ns = np.where(until.isna(), np.iinfo(np.int64).max, until.to_numpy(dtype="datetime64[ns]").astype(np.int64))
+    closed_ns = pd.to_datetime(trades["closed_at"], utc=True).to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    cuts = np.sort(np.unique(until_ns))
+    n_cut = np.searchsorted(cuts, closed_ns, side="left")  # distinct valid_until values before closed_at
+    if not (n_cut > 0).any():
+        return model.predict(trades, batch.patterns, batch.scope, batch.metrics), 0
+    winners = model.winning_overrides(trades, batch.patterns, batch.scope)
+    row_key = (rows["lesson_key"].astype(str) + "\x00" + rows["regime"].astype(str)).to_numpy()
+    until_of = pd.Series(until_ns, index=row_key)
+    until_of = until_of[~until_of.index.duplicated(keep="first")]
+    won_until = until_of.reindex((winners["lesson_key"].astype(str) + "\x00" + winners["regime"].astype(str))
+                                 .to_numpy()).to_numpy()
+    closed_of = pd.Series(closed_ns, index=trades["trade_id"].astype(str).to_numpy())
+    expired = won_until < closed_of.reindex(winners["trade_id"].astype(str)).to_numpy()
+    n_expired = int(pd.Series(winners["trade_id"].to_numpy()[expired]).nunique())
+    edge = pd.Series(0.0, index=pd.Index(trades["trade_id"].astype(str), name="trade_id"), name="edge")
+    pos = np.arange(len(trades))
+    for k in np.unique(n_cut):
+        in_group = n_cut == k
+        live = model if k == 0 else dataclasses.replace(model, rows=rows[until_ns > cuts[k - 1]].reset_index(drop=True))
+        sub = trades.iloc[pos[in_group]]
+        ids = set(sub["trade_id"].astype(str))
+        part = live.predict(sub, _of(batch.patterns, ids), _of(batch.scope, ids), _of(batch.metrics, ids))
+        edge.iloc[pos[in_group]] = part.to_numpy()
+    return edge, n_expired
+
+
+def _of(frame: pd.DataFrame | None, ids: set[str]) -> pd.DataFrame | None:
+    if frame is None or not len(frame):
+        return frame
+    return frame[frame["trade_id"].astype(str).isin(ids)]
+
+
+def _empty_weights() -> pd.DataFrame:
+    return pd.DataFrame({"strategy_id": pd.Series(dtype=str), "regime": pd.Series(dtype=str),
+                         "weight": pd.Series(dtype=float), "config_version": pd.Series(dtype="Int64")})
+
+
+def strategy_weights(store: Any, domain: str) -> pd.DataFrame:
+    """The domain's strategy × regime weights from its active STRATEGY_CONFIG configs (one row per
+    regime a config names: strategy_id, regime, weight, config_version). Absent = weight 1."""
+    validate_domain(domain)
+    prefix = f"{domain}/"
+    rows = []
+    for (target_type, target_id), config in store.active_configs().items():
+        if target_type != STRATEGY_TARGET or not target_id.startswith(prefix):
+            continue
+        version = store.active_config(target_type, target_id)
+        for regime, weight in (config.get("regime_weights") or {}).items():
+            rows.append({"strategy_id": target_id[len(prefix):], "regime": str(regime), "weight": float(weight),
+                         "config_version": version[0] if version else None})
+    return pd.DataFrame(rows) if rows else _empty_weights()
+
+
+def weight_of_trades(trades: pd.DataFrame, weights: pd.DataFrame) -> np.ndarray:
+    """Each trade's strategy weight in its regime (1.0 where no config names the cell)."""
+    if weights is None or not len(weights):
+        return np.ones(len(trades))
+    key = weights["strategy_id"].astype(str) + "\x00" + weights["regime"].astype(str)
+    lookup = pd.Series(weights["weight"].to_numpy(float), index=key)
+    want = trades["strategy_id"].astype(str) + "\x00" + trades["regime"].astype(str)
+    return lookup.reindex(want.to_numpy()).fillna(1.0).to_numpy(float)

@@ -48,6 +48,12 @@ def pending_evidence_hashes(conn: Connection) -> set[str]:
     return set(conn.execute(select(_P.c.evidence_hash).where(_P.c.status == "PENDING")).scalars())
 
 
+def pending_for_target(conn: Connection, target_type: str, target_id: str) -> list[str]:
+    """Ids of the target's PENDING proposals."""
+    return list(conn.execute(select(_P.c.proposal_id).where(
+        _P.c.status == "PENDING", _P.c.target_type == target_type, _P.c.target_id == target_id)).scalars())
+
+
 def proposal_ids(conn: Connection) -> list[str]:
     return list(conn.execute(select(_P.c.proposal_id)).scalars())
 

@@ -219,20 +219,24 @@ def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.Material
     trades = _read_trades(store, domain, window)
     patterns, scope = _read_source(store, domain, window, "trade_patterns", "trade_scope")
     _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input, during the mining
-    mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs.values["lambda_ci"]))
+    mining = lessons_core.mining_settings(store.active_config("PM_OVERRIDES", domain))  # an applied PM_OVERRIDES config
+    mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs.values["lambda_ci"]),
+                                                 min_support=mining.min_support, max_scope_dims=mining.max_scope_dims)
     store.remember(_incidence_key(store, domain, mined, source_rows), incidence)  # the stored lessons, in this order
     written = store.replace_partition("learning_lessons", domain, _stored(mined, LESSON_TABLE_COLUMNS))
     top = mined.reindex(mined["edge_lcb"].abs().sort_values(ascending=False).index) if len(mined) else mined
     if mined.empty:
         most = int(patterns["pattern"].value_counts().max()) if len(patterns) else 0
         context.log.warning(f"domain {domain!r} learns nothing: {len(trades)} trades, the most frequent pattern fired "
-                            f"on {most} < min_support {lessons_core.MIN_SUPPORT}")
+                            f"on {most} < min_support {mining.min_support}")
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": dg.MetadataValue.int(written),
             "trades": dg.MetadataValue.int(len(trades)),
             "patterns": dg.MetadataValue.int(int(mined["pattern"].nunique()) if len(mined) else 0),
             "incidence_pairs": dg.MetadataValue.int(len(incidence)),
+            "mining_settings": dg.MetadataValue.text(
+                f"min_support {mining.min_support}, max_scope_dims {mining.max_scope_dims} ({mining.source})"),
             "by_scope_keys": dg.MetadataValue.json(
                 {str(k): int(v) for k, v in mined["n_scope_keys"].value_counts().sort_index().items()}
             ),
