@@ -436,6 +436,8 @@ meta_decisions = Table(
     Column("knobs_json", Text, nullable=False),
     Column("telemetry_json", Text, nullable=False),
     Column("note", Text),
+    # a paired knob trial's verdict: the overrides version (new knobs) and the trades it was judged on
+    Column("judged_on_json", Text),
     Index("ix_meta_decisions_domain", "domain", "decision_no"),
 )
 diagnostics = Table(
@@ -2183,3 +2185,113 @@ def validate_feedback(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
     })
     return FeedbackBatch(frame[cols], quarantine_rows, n_rows=n + len(line_bad), ignored_columns=ignored,
                          duplicates_in_file=int(dup.sum()))
+
+
+# ---------------------------------------------------------------------------
+# Prompt evolution and the LLM (meta_pipeline.prompts, meta_pipeline.llm; docs/prompts.md)
+# ---------------------------------------------------------------------------
+#
+# A task (the `task` partitions, shared with generic feedback) has labelled examples
+# (`prompt_examples`, landed by `meta-pipeline ingest examples FILE --task NAME`, validated
+# by meta_pipeline.prompts.examples), a starting prompt (a PROMPT_TEMPLATE row of `configs`,
+# target_id = the task) and the runs of prompt evolution. Every model call is a row of
+# `llm_calls`; `llm_cache` keeps responses by (model, messages) so a re-run is free.
+
+prompt_examples = Table(
+    "prompt_examples",
+    metadata,
+    T(),
+    Column("example_id", String(200), nullable=False),
+    Column("input", Text, nullable=False),
+    Column("expected", Text, nullable=False),  # the right answer (a label such as "B", or e.g. "positive")
+    Column("choices_json", Text),  # JSON list of {"label", "text"}; null: no choices
+    Column("metadata_json", Text),
+    Column("source_file", Text),
+    Column("ingested_at", DateTime(timezone=True)),
+    Index("ix_prompt_examples_task_id", "task", "example_id", unique=True),
+)
+prompt_runs = Table(
+    "prompt_runs",
+    metadata,
+    T(),
+    Column("run_id", String(100), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("provider", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("start_config_version", Integer),  # the PROMPT_TEMPLATE version evolution started from
+    Column("baseline_prompt", Text, nullable=False),
+    Column("best_prompt", Text, nullable=False),
+    Column("best_candidate_id", String(100), nullable=False),
+    Column("best_spec_json", Text, nullable=False),
+    Column("n_train", Integer, nullable=False),
+    Column("n_val", Integer, nullable=False),
+    Column("n_test", Integer, nullable=False),
+    Column("baseline_val", Float, nullable=False),
+    Column("best_val", Float, nullable=False),
+    Column("iterations", Integer, nullable=False),
+    Column("converged", Boolean, nullable=False),
+    Column("stop_reason", Text, nullable=False),
+    Column("calls", Integer, nullable=False),  # model calls of the run (both assets, the rationale included)
+    Column("cached_calls", Integer, nullable=False),  # answered from llm_cache (free)
+    Column("tokens", Integer, nullable=False),
+    # filled by prompt_comparison (null until it ran)
+    Column("baseline_test", Float),
+    Column("best_test", Float),
+    Column("win_margin", Float),  # best_test − baseline_test
+    Column("margin_ci_low", Float),
+    Column("margin_ci_high", Float),
+    Column("p_value", Float),  # exact McNemar, two-sided
+    Column("test_method", String(100)),
+    Column("proposal_id", String(100)),
+    Column("compared_at", DateTime(timezone=True)),
+    Index("ix_prompt_runs_task_run", "task", "run_id", unique=True),
+)
+prompt_candidates = Table(
+    "prompt_candidates",
+    metadata,
+    T(),
+    Column("run_id", String(100), nullable=False),
+    Column("iteration", Integer, nullable=False),  # 0: the starting prompt
+    Column("candidate_id", String(100), nullable=False),
+    Column("parent_id", String(100)),
+    Column("strategy", String(50), nullable=False),
+    Column("prompt_text", Text, nullable=False),
+    Column("spec_json", Text, nullable=False),
+    Column("val_score", Float),  # null: not scored (the budget ran out)
+    Column("val_errors", Integer),
+    Column("accepted", Boolean, nullable=False),
+    Column("calls", Integer, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("note", Text),
+    Index("ix_prompt_candidates_task_run", "task", "run_id", "candidate_id", unique=True),
+)
+llm_calls = Table(
+    "llm_calls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("called_at", DateTime(timezone=True), nullable=False),
+    Column("run_id", String(100)),
+    Column("task", String(63)),
+    Column("purpose", String(50), nullable=False),  # answer | rewrite | rationale | ...
+    Column("provider", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("cache_key", String(64), nullable=False),
+    Column("cached", Boolean, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text),
+    Index("ix_llm_calls_run", "run_id"),
+)
+llm_cache = Table(
+    "llm_cache",
+    metadata,
+    Column("cache_key", String(64), primary_key=True),  # sha256 of canonical JSON (model, messages, params)
+    Column("model", String(200), nullable=False),
+    Column("messages_json", Text, nullable=False),
+    Column("response_text", Text, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
