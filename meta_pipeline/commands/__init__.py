@@ -11,5 +11,7 @@ COMMAND_MODULES = (
     "meta_pipeline.commands.simulate",
     "meta_pipeline.commands.evaluate",
     "meta_pipeline.commands.proposals",
+    "meta_pipeline.commands.knobs",
     "meta_pipeline.commands.bench",
+    "meta_pipeline.commands.prompts",  # prompts init|list|show|evolve (ingest examples: its rows)
 )

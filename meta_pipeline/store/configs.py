@@ -79,3 +79,14 @@ def update_proposal(conn: Connection, proposal_id: str, values: Mapping[str, Any
 
 def append_change_log(conn: Connection, **values: Any) -> None:
     conn.execute(config_change_log.insert().values(**values))
+
+
+def deactivate_config(conn: Connection, target_type: str, target_id: str) -> str | None:
+    """Set the target's active configs row inactive (the row stays); the proposal_id that wrote it (None: none)."""
+    row = conn.execute(
+        select(configs.c.version, configs.c.proposal_id)
+        .where(configs.c.target_type == target_type, configs.c.target_id == target_id, configs.c.active.is_(True))
+    ).first()
+    conn.execute(update(configs).where(configs.c.target_type == target_type, configs.c.target_id == target_id,
+                                       configs.c.active.is_(True)).values(active=False))
+    return None if row is None else row.proposal_id
