@@ -1,5 +1,5 @@
 """A fleet that sends trades only (no telemetry): every asset materializes, the ones that need
-telemetry say why they have nothing, and diagnostics and proposals still come out."""
+telemetry say why they have nothing, and diagnostics and strategy proposals still come out."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ UNDERPERFORMER = ("beta", "S1")  # strategy beta falls short of its backtests in
 
 @pytest.fixture(scope="module")
 def fleet():
-    return generate_fleet(n_domains=len(DOMAINS), n_trades=1200, underperform=UNDERPERFORMER, seed=3,
+    return generate_fleet(n_domains=len(DOMAINS), n_trades=2400, underperform=UNDERPERFORMER, seed=3,
                           domain_names=DOMAINS)
 
 
@@ -54,7 +54,8 @@ def _materialize(store: MetaStore, instance, selection, partition_key: str | Non
         warnings.simplefilter("ignore")
         return dg.materialize(
             [*defs.assets, *(defs.asset_checks or [])], selection=selection, partition_key=partition_key,
-            instance=instance, resources={STORE_KEY: StoreResource(db_url=store.db_url)}, raise_on_error=False,
+            instance=instance, resources={**(defs.resources or {}), STORE_KEY: StoreResource(db_url=store.db_url)},
+            raise_on_error=False,
         )
 
 
@@ -98,17 +99,24 @@ def test_a_trades_only_fleet_gets_diagnostics_and_says_what_it_lacks(trades_only
     assert _metadata(result, "global_prior")["status"] == NO_PRIOR_STATUS
     meta = _metadata(result, "config_proposals")
     assert meta["domains"] == len(DOMAINS)
-    # Strategy proposals come from realized-vs-backtest evidence only (governance.proposals
-    # strategy_candidates): without backtest_runs there is none, and the asset says so.
-    # (Another issue rebuilds the strategy evidence from trades alone.) Knob proposals need
-    # telemetry; churn proposals need a second diagnostics run with overrides.
-    assert "no STRATEGY_CONFIG candidates" in meta["missing_evidence"] and "backtest_runs" in meta["missing_evidence"]
+    # Strategy proposals come from the trades alone: strategy beta falls short of its peers in
+    # S1 and of its own other regimes (governance.diagnostics.strategy_vs_peers). Knob proposals
+    # need telemetry; churn proposals need a second diagnostics run with overrides.
+    assert "no STRATEGY_CONFIG candidates" not in meta["missing_evidence"]
     assert "no META_KNOBS candidates" in meta["missing_evidence"] and "telemetry" in meta["missing_evidence"]
     proposals = store.read("meta_controller_config_proposals")
-    assert proposals.empty or not (proposals["target_type"] == "STRATEGY_CONFIG").any()
+    strategy_id, regime = UNDERPERFORMER
+    top = proposals.sort_values("confidence", ascending=False).iloc[0]
+    assert top["target_type"] == "STRATEGY_CONFIG" and top["target_id"].split("/")[1] == strategy_id, \
+        proposals[["target_type", "target_id", "confidence"]]
+    assert top["confidence"] >= 0.7
+    assert json.loads(top["proposed_config_json"])["regime_weights"][regime] < 1.0
+    trades_only_ids = set(proposals["proposal_id"])
+    diagnostics = store.read("diagnostics")
+    assert {"strategy_vs_peers", "tail", "regime_dispersion"} <= set(diagnostics["section"])
 
-    # with the fleet's backtest runs (not telemetry: still no engine data), the shortfall of
-    # strategy beta in S1 becomes a strategy proposal
+    # with the fleet's backtest runs (not telemetry: still no engine data), the realized-vs-backtest
+    # shortfall of beta in S1 adds its evidence to the same targets
     for name, data in fleet.domains.items():
         store.replace_partition("backtest_runs", name, data.backtests)
     for domain in DOMAINS:
@@ -119,10 +127,14 @@ def test_a_trades_only_fleet_gets_diagnostics_and_says_what_it_lacks(trades_only
     proposals = store.read("meta_controller_config_proposals")
     strategy = proposals[proposals["target_type"] == "STRATEGY_CONFIG"]
     assert len(strategy) >= 1, proposals[["target_type", "target_id", "confidence"]]
-    strategy_id, regime = UNDERPERFORMER
     assert all(t.endswith(f"/{strategy_id}") for t in strategy["target_id"])
     for proposed in strategy["proposed_config_json"]:
         assert json.loads(proposed)["regime_weights"][regime] < 1.0  # its weight in S1 goes down
+    assert any("shortfall:" in e for e in strategy["evidence_json"])  # the backtests' part
+    # a target never holds two PENDING proposals: the one with the backtest evidence superseded the first
+    pending = strategy[strategy["status"] == "PENDING"]
+    assert pending["target_id"].is_unique
+    assert set(strategy.loc[strategy["status"] == "SUPERSEDED", "proposal_id"]) <= trades_only_ids
     assert store.count("global_prior") == 0
 
 

@@ -498,8 +498,7 @@ def generate_proposals(
             "proposed_config_json": canonical_json(proposed),
             "rationale_text": " ".join(texts),
             "evidence_json": json.dumps(canonical(evidence), sort_keys=True),
-            "evidence_hash": evidence_hash(tt, tid, snapshot, proposed,
-                                           [p["part_key"] for p in parts if p["role"] == "decides"]),
+            "evidence_hash": evidence_hash(tt, tid, snapshot, proposed, [p["part_key"] for p in parts]),
             "confidence": conf,
         })
     out = pd.DataFrame(proposals, columns=PROPOSAL_COLUMNS)

@@ -1,0 +1,170 @@
+"""Every proposal type has a consumer: approve → apply changes what the consumer does → revert
+restores it; an applied proposal is not proposed again on the same evidence; expired edges."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from meta_pipeline.contracts import lesson_key
+from meta_pipeline.defs.governance.orchestrator import _read_inputs
+from meta_pipeline.governance import lifecycle
+from meta_pipeline.governance.diagnostics import compute_diagnostics
+from meta_pipeline.ingest import ingest_file
+from meta_pipeline.knobs import default_knobs
+from meta_pipeline.lab import synth
+from meta_pipeline.lab.governance_fleets import GovernanceFleetConfig, governance_fleet
+from meta_pipeline.learning.predict import predict_trades
+from meta_pipeline.store import MetaStore
+from meta_pipeline_tests.support.frames import load_fleet
+
+OFF = lifecycle.AutoApplySettings()
+
+
+def _pipeline(store: MetaStore, domains: list[str]) -> lifecycle.ProposalCycleReport:
+    """diagnostics for every domain (what the asset computes) and one proposal run."""
+    for domain in domains:
+        store.replace_partition("diagnostics", domain, compute_diagnostics(_read_inputs(store, domain)).rows)
+    return lifecycle.run_proposal_cycle(store, store.read("diagnostics"), OFF)
+
+
+def _round_trip(store: MetaStore, proposal_id: str) -> None:
+    lifecycle.approve(store, proposal_id, "ann")
+    lifecycle.apply(store, proposal_id, "bob")
+
+
+# ---------------------------------------------------------------------------
+# STRATEGY_CONFIG: consumed as the strategy weights engines size by (predict --strategy-weights)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_fleet():
+    return governance_fleet(GovernanceFleetConfig(n_domains=2, n_trades=3000, seed=5))
+
+
+def test_strategy_config_round_trip_and_no_repeat_on_the_same_evidence(tmp_path: Path, planted_fleet) -> None:
+    store = MetaStore(db_url=f"sqlite:///{tmp_path / 'meta.db'}")
+    for name, data in planted_fleet.items():
+        assert ingest_file(store, "trades", data.write_trades_file(tmp_path / name / "trades.csv"), name).ingested == 3000
+    run = _pipeline(store, list(planted_fleet))
+    top = run.new_proposals.sort_values("confidence", ascending=False).iloc[0]
+    assert (top["target_type"], top["target_id"]) == ("STRATEGY_CONFIG", "dom0/gamma") and top["confidence"] >= 0.7
+    proposed_weight = json.loads(top["proposed_config_json"])["regime_weights"]["range"]
+    assert 0.25 <= proposed_weight <= 0.9
+
+    trades = planted_fleet["dom0"].contract_frame()
+    cell = ((trades["strategy_id"] == "gamma") & (trades["regime"] == "range")).to_numpy()
+    before = predict_trades(store, "dom0", trades, with_weights=True)
+    assert (before["strategy_weight"] == 1.0).all()
+
+    _round_trip(store, top["proposal_id"])
+    applied = predict_trades(store, "dom0", trades, with_weights=True)
+    np.testing.assert_allclose(applied["strategy_weight"].to_numpy()[cell], proposed_weight)
+    np.testing.assert_allclose(applied["strategy_weight"].to_numpy()[~cell], 1.0)
+
+    # the pipeline re-runs on the same evidence: the applied cut is not proposed again (nor compounded)
+    rerun = _pipeline(store, list(planted_fleet))
+    assert not (rerun.proposals["target_id"] == "dom0/gamma").any(), rerun.proposals[["target_id", "confidence"]]
+    assert rerun.inserted == []
+
+    lifecycle.revert(store, top["proposal_id"], "cy")
+    reverted = predict_trades(store, "dom0", trades, with_weights=True)
+    assert (reverted["strategy_weight"] == 1.0).all()
+
+
+# ---------------------------------------------------------------------------
+# META_KNOBS: consumed through the knobs in effect (learning assets, predict, controller)
+# ---------------------------------------------------------------------------
+
+
+def test_meta_knobs_round_trip_changes_the_knobs_in_effect(store: MetaStore) -> None:
+    row = {"domain": "d", "section": "knob_best_region", "subject": "tau", "metric": "predicted_reward_gain",
+           "value": 0.05, "ci_low": 0.04, "ci_high": 0.06, "n": 500, "p_value": 1e-9,
+           "details_json": json.dumps({"knob": "tau", "current": 0.95, "proposed": 0.9, "importance_p": 1e-4})}
+    run = lifecycle.run_proposal_cycle(store, pd.DataFrame([row]), OFF)
+    (pid,) = run.inserted
+    assert store.knobs_in_effect("d").values["tau"] == default_knobs()["tau"]
+    _round_trip(store, pid)
+    in_effect = store.knobs_in_effect("d")
+    assert in_effect.values["tau"] == pytest.approx(0.9) and in_effect.source == "configs v1"
+    # re-run on the same evidence: tau is already 0.9, nothing to propose
+    assert lifecycle.run_proposal_cycle(store, pd.DataFrame([row]), OFF).inserted == []
+    lifecycle.revert(store, pid, "cy")
+    assert store.knobs_in_effect("d").values["tau"] == pytest.approx(default_knobs()["tau"])
+
+
+# ---------------------------------------------------------------------------
+# PM_OVERRIDES: consumed by the lessons asset (min_support, max_scope_dims)
+# ---------------------------------------------------------------------------
+
+
+def _lessons_run(store: MetaStore, instance) -> tuple[int, str, int]:
+    from meta_pipeline.defs.learning.assets import lessons
+
+    result = dg.materialize([lessons], partition_key="dom0", instance=instance, resources={"store": store})
+    assert result.success
+    meta = result.asset_materializations_for_node("lessons")[0].metadata
+    mined = store.read("learning_lessons", domain="dom0")
+    return len(mined), meta["mining_settings"].value, int(mined["n"].min())
+
+
+def test_pm_overrides_round_trip_changes_what_the_lessons_asset_mines(store: MetaStore) -> None:
+    fleet = synth.generate_fleet(synth.FleetConfig(n_domains=1, seed=2, n_trades=1500, telemetry_ticks=10))
+    load_fleet(store, fleet)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("domain", ["dom0"])
+    n_default, settings, smallest = _lessons_run(store, instance)
+    assert settings == "min_support 30, max_scope_dims 2 (defaults)" and smallest >= 30
+
+    churn = {"domain": "dom0", "section": "override_churn", "subject": "all", "metric": "churn", "value": 0.75,
+             "ci_low": None, "ci_high": None, "n": 40, "p_value": None,
+             "details_json": json.dumps({"n_added": 15, "n_removed": 15})}
+    (pid,) = lifecycle.run_proposal_cycle(store, pd.DataFrame([churn]), OFF).inserted
+    _round_trip(store, pid)
+    n_applied, settings, smallest = _lessons_run(store, instance)
+    assert settings == "min_support 55, max_scope_dims 2 (configs v1)"
+    assert smallest >= 55 and n_applied < n_default  # fewer, better supported lessons
+    assert lifecycle.run_proposal_cycle(store, pd.DataFrame([churn]), OFF).inserted == []  # not again
+
+    lifecycle.revert(store, pid, "cy")
+    n_reverted, settings, _ = _lessons_run(store, instance)
+    assert n_reverted == n_default and settings.startswith("min_support 30, max_scope_dims 2")
+
+
+# ---------------------------------------------------------------------------
+# edges expire: predict honours valid_until against each trade's closed_at
+# ---------------------------------------------------------------------------
+
+
+def test_predict_skips_an_override_past_its_valid_until(tmp_path: Path) -> None:
+    until = pd.Timestamp("2026-06-10", tz="UTC")
+    overrides = pd.DataFrame([{
+        "latent_factor_id": "F1", "lesson_key": lesson_key("A.x", {}), "pattern": "A.x", "scope_json": "{}",
+        "n_scope_keys": 0, "regime": None, "edge": 0.3, "support": 50, "valid_until": until, "source_json": None}])
+    trades = pd.DataFrame({
+        "trade_id": ["early", "late", "other"], "closed_at": ["2026-06-09T00:00:00Z", "2026-06-11T00:00:00Z",
+                                                             "2026-06-11T00:00:00Z"],
+        "regime": "R", "strategy_id": "s", "return_r": "0", "patterns": ["A.x", "A.x", "B.y"]})
+    out = predict_trades({"overrides": overrides, "regime_weights": None, "tier2_enabled": False}, "d", trades)
+    assert dict(zip(out["trade_id"], out["edge"])) == {"early": 0.3, "late": 0.0, "other": 0.0}
+    assert out.attrs["n_expired"] == 1
+
+    # through the CLI: the count goes to stderr, the CSV to stdout
+    store = MetaStore(db_url=f"sqlite:///{tmp_path / 'm.db'}")
+    store.append("pm_overrides", overrides.assign(domain="d", version=1))
+    path = tmp_path / "t.csv"
+    trades.to_csv(path, index=False)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "meta_pipeline.cli", "predict", str(path), "--domain", "d",
+                           "--db-url", store.db_url], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "trade_id,edge" and "late,0" in done.stdout
+    assert "1 trade(s) closed after the valid_until" in done.stderr
