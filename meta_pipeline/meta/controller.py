@@ -74,7 +74,7 @@ from meta_pipeline.contracts import (
     knob_column,
 )
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, clip_knobs, default_knobs
-from meta_pipeline.meta.reward import meta_reward
+from meta_pipeline.meta.reward import REALIZED_COLUMN, RewardWeights, meta_reward
 from meta_pipeline.meta.surface import quadratic_design, ridge_solve
 
 # Two knob vectors are "the same policy" within this distance per knob, in unit space
@@ -129,6 +129,11 @@ class ControllerConfig:
     model_curvature_prior: float = 0.3
     model_explore: float = 1.0  # exploration bonus, in noise SDs, for a knob never moved
     ticks_per_decision: int = 1  # telemetry ticks per decision (used by callers that batch a stream)
+    # the reward's weights (meta.reward.RewardWeights: telemetry terms + the realized gain of the overrides)
+    reward_weights: RewardWeights = RewardWeights()
+    # knobs whose trials are judged paired on realized trades (meta.knob_trial), never on telemetry:
+    # such a pending trial holds until judge_paired_trial closes it (the controller_state asset: the learning knobs)
+    paired_knobs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bounds: dict[str, tuple[float, float]] = {
@@ -304,7 +309,8 @@ def _row_label(i: int, ts: pd.Series | None) -> str:
     return f"row {i}"
 
 
-def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None) -> DecisionBatch:
+def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None,
+                             weights: RewardWeights | None = None) -> DecisionBatch:
     """Check a telemetry batch and compute its rewards, or raise TelemetryError naming field and row.
 
     The row checks are the data contract's (``contracts.check_telemetry_rows``, the same
@@ -340,7 +346,11 @@ def validate_telemetry_batch(telemetry: pd.DataFrame, last_ts: str | None = None
             raise TelemetryError(
                 f"telemetry {_row_label(i, ts)} is not newer than the last consumed tick {last_ts}: already decided on"
             )
-    rewards = np.asarray(meta_reward(**rows.outcomes), dtype=float).reshape(-1)
+    w = weights or RewardWeights()
+    rewards = np.asarray(meta_reward(**rows.outcomes, w_gain=w.gain, w_stability=w.stability,
+                                     w_resource=w.resource), dtype=float).reshape(-1)
+    if REALIZED_COLUMN in frame.columns:  # the domain's realized gain term (meta.reward.with_realized_term)
+        rewards = rewards + np.nan_to_num(pd.to_numeric(frame[REALIZED_COLUMN], errors='coerce').to_numpy(dtype=float))
     return DecisionBatch(ts=ts, rewards=rewards, reported_knobs=reported)
 
 
@@ -783,7 +793,7 @@ def update(
     (current | snapshot | foreign), cooldowns, knobs (after the decision), baseline,
     prior_weight, prior_disabled, n_ticks, ts_first, ts_last and a human-readable note.
     """
-    batch = validate_telemetry_batch(telemetry, state.last_ts)
+    batch = validate_telemetry_batch(telemetry, state.last_ts, config.reward_weights)
     new_prior = normalize_prior(prior)
     s = copy.deepcopy(state)
     rng = np.random.Generator(np.random.PCG64())
@@ -823,7 +833,11 @@ def update(
     if kind == "current":
         s.evidence += 1
         s.cooldowns = {n: max(0, c - 1) for n, c in s.cooldowns.items()}
-        if s.pending:
+        if s.pending and set(s.pending["knobs"]) & set(config.paired_knobs):
+            action = "awaiting-paired"
+            notes.append(f"trial of {', '.join(s.pending['knobs'])} awaits its paired verdict on realized trades "
+                         "(overrides rebuilt with the new knobs vs the old, as of the same time): telemetry does not judge it")
+        elif s.pending:
             pend = s.pending
             if pend["n"] >= 1:
                 _learn_noise(s, reward - pend["mean"], pend["n"] / (pend["n"] + 1.0), config)

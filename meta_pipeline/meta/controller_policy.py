@@ -35,7 +35,8 @@ from meta_pipeline.contracts import TELEMETRY_STORE_COLUMNS
 from meta_pipeline.knobs import KNOB_NAMES, parse_knobs
 from meta_pipeline.meta.controller import ControllerConfig, ControllerState, advance, cold_start, inject_change
 from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
-from meta_pipeline.meta.reward import telemetry_reward
+from meta_pipeline.meta.knob_trial import paired_step, stamp_change
+from meta_pipeline.meta.reward import telemetry_reward, with_realized_term
 from meta_pipeline.store import GlobalPriorVersion
 
 # what the controller reads of a telemetry tick: the one telemetry schema's store columns
@@ -92,11 +93,17 @@ def early_transfer_check(state: ControllerState, telemetry: pd.DataFrame, latest
 
 def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | None,
                 active: tuple[int, Mapping[str, object]] | None, read_telemetry, cfg: ControllerConfig,
-                seed: int = 0) -> DomainStep:
+                seed: int = 0, *, feedback_cycles: pd.DataFrame | None = None, paired_judge=None,
+                now: pd.Timestamp | None = None) -> DomainStep:
     """Rules 1–5 for one domain (module doc). ``read_telemetry(last_ts)`` returns the ticks after
     ``last_ts`` (all of them for None) in the store layout, oldest first: the state decides from
     when, so the caller reads only what is new. Raises ``controller.TelemetryError`` on a bad tick
-    (nothing decided)."""
+    (nothing decided).
+
+    ``feedback_cycles`` (the domain's feedback_cycles rows; None: not read) adds the realized
+    gain of its overrides to the reward (``reward.with_realized_term``; no feedback yet:
+    telemetry alone, said in each decision's note). ``paired_judge`` (see
+    ``knob_trial.paired_step``) closes a pending learning-knob trial on its paired verdict."""
     notes: list[str] = []
     external = False
     prior = latest.values if latest is not None else None
@@ -124,13 +131,22 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
             external = True
         notes.append(f"adopted applied META_KNOBS config v{active[0]} (canaried like any change)")
         adopted = active[0]
+    state, paired, paired_notes = paired_step(state, paired_judge, cfg)
+    notes += paired_notes
     telemetry = read_telemetry(state.last_ts)
+    realized = None
+    if feedback_cycles is not None and len(telemetry):
+        telemetry, realized = with_realized_term(telemetry, feedback_cycles, cfg.reward_weights)
     state, dropped_prior = early_transfer_check(state, telemetry, latest, cfg, run_seed)
     if dropped_prior:
         prior = None
         notes.append(dropped_prior)
         external = True
     new_state, decisions = advance(state, telemetry, cfg, prior)
+    new_state = stamp_change(new_state, cfg, now if now is not None else pd.Timestamp.now(tz="UTC"))
+    for d in decisions if realized is not None else []:
+        d["note"] = f"{d['note']}; {realized.note}"
+    decisions = paired + decisions
     return DomainStep(state, new_state, decisions, notes, external, adopted or None, had_row=bool(len(row)),
                       n_ticks=len(telemetry))
 
@@ -164,4 +180,6 @@ def decision_rows(domain: str, decisions: list[dict], now: pd.Timestamp) -> pd.D
         "knobs_json": [json.dumps(d["knobs"], sort_keys=True) for d in decisions],
         "telemetry_json": [json.dumps(d["telemetry"]) for d in decisions],
         "note": [d["note"] for d in decisions],
+        "judged_on_json": [json.dumps(d["judged_on"], sort_keys=True) if d.get("judged_on") else None
+                           for d in decisions],
     })

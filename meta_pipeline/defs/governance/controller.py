@@ -20,6 +20,24 @@ from meta_pipeline.defs.resources import StoreParam, domain_partitions, partitio
 from meta_pipeline.knobs import KNOB_NAMES, knobs_to_unit
 from meta_pipeline.meta.controller import ControllerConfig, TelemetryError, knob_bound_problems
 from meta_pipeline.meta.controller_policy import TELEMETRY_COLUMNS, decision_rows, state_row, step_domain
+from meta_pipeline.defs.learning.assets import SOURCE_COLUMNS, TRADE_COLUMNS
+from meta_pipeline.learning.predict import override_model
+from meta_pipeline.meta.knob_trial import (
+    LEARNING_KNOBS,
+    MIN_PAIRED_TRADES,
+    SourceFrames,
+    counterfactual_trial,
+    trial_readiness,
+)
+from meta_pipeline.meta.reward import (
+    REALIZED_CYCLES,
+    REALIZED_MIN_TRADES,
+    W_GAIN,
+    W_REALIZED,
+    W_RESOURCE,
+    W_STABILITY,
+    RewardWeights,
+)
 from meta_pipeline.store import lock
 
 PLOT_DECISIONS = 300  # how many recent decisions the trajectory plot shows
@@ -30,6 +48,49 @@ class ControllerRunConfig(dg.Config):
 
     ticks_per_decision: int = Field(default=1, ge=1, description="telemetry ticks per controller decision")
     seed: int = Field(default=0, description="cold-start seed (mixed with the domain name)")
+    # the reward's weights (meta.reward.RewardWeights; docs/math.md "Realized gain in the reward")
+    w_gain: float = Field(default=W_GAIN, ge=0.0, le=10.0, description="weight of the engines' gain_p50 term")
+    w_stability: float = Field(default=W_STABILITY, ge=0.0, le=10.0, description="weight of stability_mean")
+    w_resource: float = Field(default=W_RESOURCE, ge=0.0, le=10.0, description="weight of the resource penalty")
+    w_realized: float = Field(default=W_REALIZED, ge=0.0, le=10.0,
+                              description="weight of the realized predictive gain of the overrides (feedback_cycles)")
+    realized_cycles: int = Field(default=REALIZED_CYCLES, ge=1, description="recent feedback cycles pooled")
+    realized_min_trades: int = Field(default=REALIZED_MIN_TRADES, ge=1,
+                                     description="scored trades needed before the realized gain counts")
+    paired_learning_trials: bool = Field(
+        default=True, description="judge a learning-knob trial paired on realized trades (meta.knob_trial), "
+                                  "never on telemetry")
+    min_paired_trades: int = Field(default=MIN_PAIRED_TRADES, ge=2,
+                                   description="realized trades after the post-change overrides version before judging")
+
+    def controller_config(self) -> ControllerConfig:
+        weights = RewardWeights(self.w_gain, self.w_stability, self.w_resource, self.w_realized,
+                                self.realized_cycles, self.realized_min_trades)
+        return ControllerConfig(ticks_per_decision=self.ticks_per_decision, reward_weights=weights,
+                                paired_knobs=LEARNING_KNOBS if self.paired_learning_trials else ())
+
+
+def _paired_judge(store, domain: str, min_trades: int):
+    """The controller's paired judge for one domain (``knob_trial.paired_step``): ready when an overrides
+    version built with the new knobs after the change has ``min_trades`` realized trades after its as_of;
+    then the stored version (new arm) and a refit with the old knobs as of the same as_of (old arm)
+    score those trades."""
+
+    def judge(state):
+        versions = store.override_versions(domain)
+        trades = store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"])
+        version, why = trial_readiness(state, versions, trades["closed_at"], min_trades)
+        if version is None:
+            return None, why
+        frames = SourceFrames(trades, *(store.read(t, domain=domain, columns=SOURCE_COLUMNS[t])
+                                        for t in ("trade_patterns", "trade_scope", "trade_metrics")))
+        new_model = override_model(store, domain, version=int(version["version"]))
+        trial = counterfactual_trial(frames, pd.Timestamp(version["as_of"]), state.snapshot["knobs"],
+                                     new_model=new_model, drift_events=store.read("drift_events", domain=domain))
+        trial.version = int(version["version"])
+        return trial, ""
+
+    return judge
 
 
 def _trajectory_figure(history: pd.DataFrame, domain: str) -> Figure:
@@ -73,7 +134,7 @@ def controller_state(
     context: dg.AssetExecutionContext, config: ControllerRunConfig, store: StoreParam
 ) -> dg.MaterializeResult:
     domain = partition_domain(context)
-    cfg = ControllerConfig(ticks_per_decision=config.ticks_per_decision)
+    cfg = config.controller_config()
     now = pd.Timestamp.now(tz="UTC")
     with store.write() as conn:
         # read, decide and write in one transaction: a crash or a bad tick leaves the previous state
@@ -86,7 +147,10 @@ def controller_state(
 
         try:
             step = step_domain(domain, row, store.read_global_prior(conn=conn),
-                               store.active_config("META_KNOBS", domain, conn=conn), new_ticks, cfg, config.seed)
+                               store.active_config("META_KNOBS", domain, conn=conn), new_ticks, cfg, config.seed,
+                               feedback_cycles=store.read("feedback_cycles", domain=domain, conn=conn),
+                               paired_judge=(_paired_judge(store, domain, config.min_paired_trades)
+                                             if cfg.paired_knobs else None), now=now)
         except TelemetryError as exc:
             raise dg.Failure(
                 description=f"controller_state[{domain}]: telemetry rejected, nothing written: {exc}",
