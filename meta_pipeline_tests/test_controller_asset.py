@@ -37,7 +37,14 @@ def instance() -> dg.DagsterInstance:
     return inst
 
 
+# these tests drive simulated engines whose telemetry answers every knob at once, so learning-knob
+# trials are judged on telemetry here (paired_learning_trials off); test_knob_trial.py covers the paired path
+TELEMETRY_CANARY = {"ops": {"controller_state": {"config": {"paired_learning_trials": False}}}}
+NO_FEEDBACK_NOTE = "no feedback cycles yet: reward from telemetry alone"
+
+
 def materialize(store: MetaStore, instance: dg.DagsterInstance, domain: str = DOMAIN, **kwargs) -> dg.ExecuteInProcessResult:
+    kwargs.setdefault("run_config", TELEMETRY_CANARY)
     return dg.materialize([controller_state, controller_knobs_within_bounds], partition_key=domain,
                           instance=instance, resources={"store": store}, **kwargs)
 
@@ -89,7 +96,7 @@ def test_restart_continues_exactly(tmp_store, instance):
     config = ControllerConfig()
     uninterrupted, decisions = advance(cold_start(None, config, seed=_domain_seed(DOMAIN, 0)), telemetry, config)
     assert len(decisions) == len(stored) == 27
-    assert stored["note"].tolist() == [d["note"] for d in decisions]
+    assert stored["note"].tolist() == [f"{d['note']}; {NO_FEEDBACK_NOTE}" for d in decisions]
     assert stored["knobs_json"].tolist() == [json.dumps(d["knobs"], sort_keys=True) for d in decisions]
     assert np.allclose(stored["reward"], [d["reward"] for d in decisions])
     final = ControllerState.from_json(tmp_store.read("controller_state", domain=DOMAIN)["state_json"].iloc[0])

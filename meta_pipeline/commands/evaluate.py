@@ -58,6 +58,26 @@ def _governance(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _knob_tuning(args: argparse.Namespace, progress) -> int:
+    """The controller tuning the learning knobs by paired knob trials vs defaults, oracle sweep, TPE (lab.knob_tuning_eval)."""
+    from pathlib import Path
+
+    from meta_pipeline.lab.evaluate import jsonable
+    from meta_pipeline.lab.knob_tuning_eval import KnobTuningConfig, format_knob_tuning, knob_tuning_section
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = KnobTuningConfig(seeds=tuple(range(args.seed0, args.seed0 + args.seeds)))
+    results = knob_tuning_section(cfg, progress=progress)
+    report = format_knob_tuning(results)
+    (out / "knob-tuning.json").write_text(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str))
+    (out / "knob-tuning.md").write_text(report + "\n")
+    print(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str) if args.json else report)
+    if not args.json:
+        print(f"\nfull results {out}/knob-tuning.json, {out}/knob-tuning.md")
+    return 0
+
+
 @command
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.evaluate import EvaluationConfig, format_table, jsonable, run_evaluation
@@ -65,6 +85,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(None, f"--seeds must be at least 1 (got {args.seeds})")
     args.out = str(abs_path(args.out))
+    if args.section == "knob-tuning":
+        progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+        return _knob_tuning(args, progress)
     if args.section == "governance":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _governance(args, progress)
@@ -116,7 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knob-tuning"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
+    # --section knob-tuning: 3 situations x --seeds fleets, ~1 min each (use --seeds 2); see lab/knob_tuning_eval.py
     p.set_defaults(func=cmd_evaluate)
