@@ -78,6 +78,25 @@ def _knob_tuning(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _knobs(args: argparse.Namespace, progress) -> int:
+    """Each knob's effect on held-out override predictions, on fleets where it binds (lab.knob_fleets)."""
+    from pathlib import Path
+
+    from meta_pipeline.lab.evaluate import jsonable
+    from meta_pipeline.lab.knob_fleets import format_knobs_section, knobs_section
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = knobs_section(range(args.seed0, args.seed0 + args.seeds), progress=progress)
+    report = format_knobs_section(results)
+    (out / "knobs.json").write_text(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str))
+    (out / "knobs.md").write_text(report + "\n")
+    print(json.dumps(jsonable(results), indent=1, sort_keys=True, default=str) if args.json else report)
+    if not args.json:
+        print(f"\nfull results {out}/knobs.json, {out}/knobs.md")
+    return 0
+
+
 @command
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from meta_pipeline.lab.evaluate import EvaluationConfig, format_table, jsonable, run_evaluation
@@ -85,6 +104,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise UserError(None, f"--seeds must be at least 1 (got {args.seeds})")
     args.out = str(abs_path(args.out))
+    if args.section == "knobs":
+        progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+        return _knobs(args, progress)
     if args.section == "knob-tuning":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _knob_tuning(args, progress)
@@ -139,8 +161,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knob-tuning"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
+    # --section knobs: each knob from bound to bound on its fleet, ~30 s per seed (use --seeds 5); see lab/knob_fleets.py
     # --section knob-tuning: 3 situations x --seeds fleets, ~1 min each (use --seeds 2); see lab/knob_tuning_eval.py
     p.set_defaults(func=cmd_evaluate)

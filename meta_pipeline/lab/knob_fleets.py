@@ -328,8 +328,9 @@ def controller_exploration(gamma: float, n_states: int = 200, seed: int = 0) -> 
 
 
 def knobs_section(seeds: Sequence[int] = (0, 1, 2), cfg: KnobFleetConfig = KnobFleetConfig(),
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Per knob and seed: :func:`knob_effect` on a domain holding that knob's situation; gamma_diversity's exploration."""
+                  progress: Callable[[str], None] | None = None, plain: bool = True) -> dict[str, Any]:
+    """Per knob and seed: :func:`knob_effect` on a domain holding that knob's situation (and, with
+    ``plain``, on the same seed's synth domain without it); gamma_diversity's exploration."""
     say = progress or (lambda _m: None)
     rows = []
     t0 = time.perf_counter()
@@ -342,9 +343,16 @@ def knobs_section(seeds: Sequence[int] = (0, 1, 2), cfg: KnobFleetConfig = KnobF
                 cache[situations] = learn(knob_domain(situations, seed, cfg))
             rows.append({"knob": name, "seed": seed, "situation": "+".join(situations) or "synth",
                          **knob_effect(cache[situations], name)})
-    explore = [controller_exploration(g, seed=100 * s) for s in seeds for g in knob_bounds("gamma_diversity")]
+            if situations and plain:  # the same knob on the plain synth domain: what it does without its situation
+                if () not in cache:
+                    cache[()] = learn(knob_domain((), seed, cfg))
+                rows.append({"knob": name, "seed": seed, "situation": "synth", **knob_effect(cache[()], name)})
+    n_states = 200
+    say("gamma_diversity: controllers' first trials")
+    explore = [controller_exploration(g, n_states=n_states, seed=1000 * s) for s in seeds
+               for g in knob_bounds("gamma_diversity")]
     return {"rows": rows, "exploration": explore, "seeds": list(seeds), "config": dataclasses.asdict(cfg),
-            "seconds": time.perf_counter() - t0}
+            "n_states": n_states, "seconds": time.perf_counter() - t0}
 
 
 def _mean_sd(x: Sequence[float]) -> str:
@@ -359,23 +367,22 @@ def format_knobs_section(res: dict[str, Any]) -> str:
         "Per-knob effect on held-out overrides predictions: each knob moved from its low to its high bound, "
         "the others at their defaults",
         f"(mean ± s.e. over seeds {res['seeds']}; a synth domain of {res['config']['n_trades']} trades with the "
-        "knob's situation planted; MSE change = MSE(high) − MSE(low), negative: the high bound predicts better)",
+        "knob's situation planted, and the same domain without it ('synth'); MSE change = MSE(high) − MSE(low), "
+        "negative: the high bound predicts better)",
         "",
         f"{'knob':<14} {'range':<13} {'situation':<10} {'mean |Δpred| (R)':<20} {'held-out MSE change':<22} "
         f"{'mean |pred| low → high':<24} overrides low → high (max per factor)",
     ]
     for name in OVERRIDE_KNOBS:
-        g = frame[frame["knob"] == name]
-        if g.empty:
-            continue
-        lo, hi = knob_bounds(name)
-        lines.append(
-            f"{name:<14} {f'[{lo:g}, {hi:g}]':<13} {g['situation'].iloc[0]:<10} "
-            f"{_mean_sd(g['mean_abs_delta']):<20} {_mean_sd(g['mse_change']):<22} "
-            f"{g['mean_abs_pred_low'].mean():.4f} → {g['mean_abs_pred_high'].mean():.4f}    "
-            f"{g['overrides_low'].mean():.1f} → {g['overrides_high'].mean():.1f} "
-            f"({g['max_per_factor_low'].mean():.1f} → {g['max_per_factor_high'].mean():.1f})"
-        )
+        for situation, g in frame[frame["knob"] == name].groupby("situation", sort=False):
+            lo, hi = knob_bounds(name)
+            lines.append(
+                f"{name:<14} {f'[{lo:g}, {hi:g}]':<13} {situation:<10} "
+                f"{_mean_sd(g['mean_abs_delta']):<20} {_mean_sd(g['mse_change']):<22} "
+                f"{g['mean_abs_pred_low'].mean():.4f} → {g['mean_abs_pred_high'].mean():.4f}    "
+                f"{g['overrides_low'].mean():.1f} → {g['overrides_high'].mean():.1f} "
+                f"({g['max_per_factor_low'].mean():.1f} → {g['max_per_factor_high'].mean():.1f})"
+            )
     ex = pd.DataFrame(res["exploration"])
     if len(ex):
         lo, hi = knob_bounds("gamma_diversity")
@@ -383,7 +390,8 @@ def format_knobs_section(res: dict[str, Any]) -> str:
         b = ex[ex["gamma_diversity"] == hi]["mean_step"]
         lines += ["", f"gamma_diversity [{lo:g}, {hi:g}] (the controller's exploration): mean unit-space step of a "
                       f"cold-started controller's first trial {a.mean():.4f} → {b.mean():.4f} "
-                      f"({int(ex['n'].iloc[0])} controllers per seed and bound)"]
+                      f"(mean over the {int(ex['n'].sum())} of {2 * len(res['seeds']) * int(res['n_states'])} "
+                      "cold-started controllers whose first trial moved a continuous knob)"]
     lines.append("")
     for name in OVERRIDE_KNOBS:
         lines.append(f"  {name}: {DIRECTION_OF_KNOB[name]}")
