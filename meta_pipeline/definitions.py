@@ -10,9 +10,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from meta_pipeline.defs.prompts.resources import LLM_KEY, llm_resource
 from meta_pipeline.defs.resources import STORE_KEY, StoreResource
 
 defs = dg.Definitions.merge(
     dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
-    dg.Definitions(resources={STORE_KEY: StoreResource()}, executor=dg.in_process_executor),
+    dg.Definitions(resources={STORE_KEY: StoreResource(), LLM_KEY: llm_resource()}, executor=dg.in_process_executor),
 )

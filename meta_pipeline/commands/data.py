@@ -93,6 +93,10 @@ def _ingest_target(args: argparse.Namespace) -> str:
 
 @command
 def cmd_ingest(args: argparse.Namespace) -> int:
+    if args.kind == "examples":  # a prompt task's labelled examples (meta_pipeline.commands.prompts)
+        from meta_pipeline.commands.prompts import ingest_examples_command
+
+        return ingest_examples_command(args, _store(args))
     target = _ingest_target(args)
     path = check_input_file(abs_path(args.file))
     store = _store(args)
@@ -253,7 +257,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ingest", help="ingest a trades, telemetry (per domain) or feedback (per task) file "
                                       "(CSV, JSON Lines, Parquet)")
-    p.add_argument("kind", choices=list(KINDS))
+    p.add_argument("kind", choices=[*KINDS, "examples"])  # examples: a prompt task's, per task
     p.add_argument("file")
     p.add_argument("--domain", default=None, help="the domain (trades, telemetry)")
     p.add_argument("--task", default=None,

@@ -30,6 +30,7 @@ from meta_pipeline.governance.diagnostics import (
     compute_diagnostics,
 )
 from meta_pipeline.governance.proposals import TARGET_TYPES
+from meta_pipeline.governance.rationale import rewrite_pending_rationales
 
 # ---------------------------------------------------------------------------
 # diagnostics (per domain)
@@ -219,6 +220,7 @@ def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy,
     policy = lifecycle.AutoApplySettings(config.enabled, config.min_confidence, tuple(config.target_types))
     diagnostics_rows = store.read("diagnostics")
     run = lifecycle.run_proposal_cycle(store, diagnostics_rows, policy)
+    rewrite_pending_rationales(store, run.inserted, log=context.log.info)  # by the LLM when one is configured
     if not run.domains:
         context.log.warning("no diagnostics rows yet: materialize `diagnostics` for some domains first")
     missing = _missing_evidence(diagnostics_rows)

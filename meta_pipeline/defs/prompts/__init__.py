@@ -1,0 +1,1 @@
+"""Prompt evolution (ACLA) assets and the LLM resource."""
