@@ -543,7 +543,7 @@ def parse_lesson_key(key: str) -> tuple[str, dict[str, str]]:
 TRADE_REQUIRED = ("trade_id", "closed_at", "regime", "return_r", "patterns")
 DOMAIN_KINDS = ("trades", "telemetry")  # per domain: the inbox's folders, the domain source assets
 TASK_KINDS = ("feedback",)  # per task (see "Generic feedback" below)
-KINDS = (*DOMAIN_KINDS, *TASK_KINDS)  # every ingest kind: quarantine.kind and ingest_batches.kind
+KINDS = (*DOMAIN_KINDS, *TASK_KINDS, "backtests", "configs")  # every ingest kind: quarantine.kind, ingest_batches.kind
 INPUT_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet")
 
 # The lengths of the text a trade lands in, read from the tables above (never retyped):
@@ -1919,6 +1919,199 @@ def validate_telemetry(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, sou
     )
     return TelemetryBatch(frame, quarantine_rows, n_rows=n + len(line_bad), ignored_columns=ignored,
                           duplicates_in_file=int(dup.sum()))
+
+
+# ---------------------------------------------------------------------------
+# Governance inputs: backtest runs and engine configs (per domain)
+# ---------------------------------------------------------------------------
+#
+# ``meta-pipeline ingest backtests FILE --domain D``: one row per backtest run of a strategy
+# (in a regime, or the whole strategy when regime is empty) with its summary statistics;
+# ``meta-pipeline ingest configs FILE --domain D``: configs the engines ran (or run), which
+# become ``configs`` versions exactly as an applied proposal does. Same rules as trades:
+# a file without a required column is rejected whole; a bad row goes to quarantine with
+# its line and reason; a key repeated later in the file keeps the later row.
+
+GOVERNANCE_KINDS = ("backtests", "configs")
+BACKTEST_REQUIRED = ("run_id", "strategy_id", "started_at", "mean_return_r", "std_return_r", "n_trades")
+CONFIG_REQUIRED = ("target_type", "target_id", "config_json")
+CONFIG_TARGET_TYPES = ("STRATEGY_CONFIG", "META_KNOBS", "PM_OVERRIDES")  # the ingestible ones (docs/contract.md)
+RUN_ID_MAX = backtest_runs.c.run_id.type.length  # 200
+CONFIG_TARGET_ID_MAX = configs.c.target_id.type.length  # 300
+STRATEGY_WEIGHT_MAX = 10.0
+
+
+@dataclass
+class GovernanceBatch:
+    rows: pd.DataFrame  # backtest_runs rows, or configs rows (target_type, target_id, config_json, valid_from)
+    quarantine: pd.DataFrame
+    n_rows: int
+    ignored_columns: list[str] = field(default_factory=list)
+    duplicates_in_file: int = 0
+
+
+def _governance_start(raw: pd.DataFrame, kind: str, domain: str, source: str, required: tuple[str, ...]):
+    validate_domain(domain)
+    notes = _read_notes(raw)
+    line_bad = _line_error_rows(notes, kind, domain, source)
+    if raw.empty:
+        return notes, line_bad, True
+    _require_columns(raw, required, source, notes)
+    return notes, line_bad, False
+
+
+def validate_backtests(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> GovernanceBatch:
+    """Validate a backtest-runs file (columns BACKTEST_REQUIRED, optional ``regime`` and ``metric.<name>``).
+
+    Row checks: run_id, strategy_id non-empty text within the schema lengths (regime: empty =
+    the whole strategy); started_at a timestamp in range; mean_return_r finite; std_return_r
+    finite and ≥ 0; n_trades a whole number ≥ 2; every ``metric.<name>`` empty or finite.
+    The row lands in ``backtest_runs`` with ``metrics_json`` = {mean_return_r, std_return_r,
+    n_trades, and each metric.<name>}.
+    """
+    notes, line_bad, empty = _governance_start(raw, "backtests", domain, source, BACKTEST_REQUIRED)
+    cols = ["run_id", "domain", "strategy_id", "regime", "started_at", "metrics_json"]
+    if empty:
+        return GovernanceBatch(pd.DataFrame(columns=cols), line_bad, n_rows=len(line_bad))
+    lines = np.asarray(lines)
+    extra = [c for c in raw.columns if isinstance(c, str) and c.startswith("metric.") and len(c) > 7]
+    known = {*BACKTEST_REQUIRED, "regime", *extra}
+    ignored = [_ignored(c) for c in raw.columns if c not in known]
+    reasons = pd.Series([""] * len(raw), index=raw.index, dtype=object)
+    run_id = _checked_text(raw, "run_id", reasons, limit=RUN_ID_MAX, empty_reason="empty run_id")
+    strategy = _checked_text(raw, "strategy_id", reasons, limit=STRATEGY_ID_MAX, empty_reason="empty strategy_id")
+    regime = _checked_text(raw, "regime", reasons, limit=REGIME_MAX) if "regime" in raw.columns else None
+    started, unparsable, out_of_range = _parse_timestamps(raw["started_at"])
+    _timestamp_reasons(reasons, "started_at", unparsable, out_of_range)
+    mean, _ = _number_cells(raw["mean_return_r"])
+    _add_reason(reasons, ~np.isfinite(mean), "mean_return_r is not a finite number")
+    sd, _ = _number_cells(raw["std_return_r"])
+    _add_reason(reasons, ~np.isfinite(sd), "std_return_r is not a finite number")
+    with np.errstate(invalid="ignore"):
+        _add_reason(reasons, np.isfinite(sd) & (sd < 0), "std_return_r is negative")
+    n_trades, _ = _number_cells(raw["n_trades"])
+    with np.errstate(invalid="ignore"):
+        _add_reason(reasons, ~(np.isfinite(n_trades) & (n_trades == np.round(n_trades)) & (n_trades >= 2)),
+                    "n_trades is not a whole number ≥ 2")
+    metrics = {}
+    for col in extra:
+        values, given = _number_cells(raw[col])
+        _add_reason(reasons, given & ~np.isfinite(values), f"{col} is not a finite number")
+        metrics[col[7:]] = values
+    problem = _read_problem_rows(reasons, raw, notes)
+    ids = pd.Series(run_id.to_pylist(), index=raw.index)
+    dup = _duplicated_last_among(ids, (ids != "").to_numpy() & ~problem)
+    _add_reason(reasons, dup, "run_id repeated later in the same file (later row kept)")
+    good = (reasons == "").to_numpy()
+    regimes = regime.to_pylist() if regime is not None else [""] * len(raw)
+    rows = []
+    for i in np.flatnonzero(good):
+        m = {"mean_return_r": float(mean[i]), "std_return_r": float(sd[i]), "n_trades": int(n_trades[i]),
+             **{k: float(v[i]) for k, v in metrics.items() if np.isfinite(v[i])}}
+        rows.append({"run_id": ids.iloc[i], "domain": domain, "strategy_id": strategy[i].as_py(),
+                     "regime": regimes[i] or None, "started_at": started.iloc[i],
+                     "metrics_json": json.dumps(m, sort_keys=True)})
+    frame = pd.DataFrame(rows, columns=cols)
+    quarantine_rows = pd.concat([line_bad, _quarantine_frame("backtests", domain, source, lines, reasons, raw, ~good,
+                                                             notes)], ignore_index=True)
+    return GovernanceBatch(frame, quarantine_rows, n_rows=len(raw) + len(line_bad), ignored_columns=ignored,
+                           duplicates_in_file=int(dup.sum()))
+
+
+def config_problem(target_type: str, target_id: str, config: object, domain: str) -> str:
+    """Why a config cannot be a ``configs`` version of ``domain`` ("" = it can); see docs/contract.md."""
+    if target_type not in CONFIG_TARGET_TYPES:
+        return f"target_type {target_type!r} unknown (use {', '.join(CONFIG_TARGET_TYPES)})"
+    if not isinstance(config, dict):
+        return "config_json must be a JSON object"
+    if target_type == "STRATEGY_CONFIG":
+        owner, _, strategy = target_id.partition("/")
+        if owner != domain or not strategy:
+            return f"target_id of a STRATEGY_CONFIG must be {domain}/<strategy_id>"
+        if "strategy_id" in config and config["strategy_id"] != strategy:
+            return f"config_json strategy_id {config['strategy_id']!r} is not {strategy!r}"
+        weights = config.get("regime_weights")
+        if not isinstance(weights, dict) or not weights:
+            return "config_json needs regime_weights: an object {regime: weight}"
+        for regime, w in weights.items():
+            if len(str(regime)) > REGIME_MAX or isinstance(w, bool) or not isinstance(w, (int, float)) \
+                    or not 0 <= w <= STRATEGY_WEIGHT_MAX:
+                return f"regime_weights[{str(regime)[:40]!r}] must be a number in [0, {STRATEGY_WEIGHT_MAX:g}]"
+        return ""
+    if target_id != domain:
+        return f"target_id of a {target_type} must be the domain ({domain})"
+    if target_type == "META_KNOBS":
+        for name, value in config.items():
+            if name not in KNOBS:
+                return f"unknown knob {str(name)[:40]!r} in config_json"
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not KNOBS[name].low <= value <= KNOBS[name].high:
+                return f"knob {name} in config_json must be a number in [{KNOBS[name].low}, {KNOBS[name].high}]"
+        return ""
+    allowed = {"min_support": (2, 10_000), "max_scope_dims": (0, 4)}
+    for name, value in config.items():
+        if name not in allowed:
+            return f"unknown PM_OVERRIDES setting {str(name)[:40]!r} in config_json (use min_support, max_scope_dims)"
+        lo, hi = allowed[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"{name} in config_json must be a whole number in [{lo}, {hi}]"
+    return ""
+
+
+def validate_configs(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> GovernanceBatch:
+    """Validate an engine-configs file (columns CONFIG_REQUIRED, optional ``valid_from``).
+
+    Each row is one config a target had: ``target_type`` (CONFIG_TARGET_TYPES), ``target_id``
+    (``<domain>/<strategy_id>`` for STRATEGY_CONFIG, the domain otherwise), ``config_json``
+    (a JSON object checked by ``config_problem``) and ``valid_from`` (when the engine started
+    running it; empty = now). Rows of one target land in valid_from order, the latest as the
+    active version; the same target and valid_from repeated later keeps the later row.
+    """
+    notes, line_bad, empty = _governance_start(raw, "configs", domain, source, CONFIG_REQUIRED)
+    cols = ["target_type", "target_id", "config_json", "valid_from"]
+    if empty:
+        return GovernanceBatch(pd.DataFrame(columns=cols), line_bad, n_rows=len(line_bad))
+    lines = np.asarray(lines)
+    ignored = [_ignored(c) for c in raw.columns if c not in {*CONFIG_REQUIRED, "valid_from"}]
+    reasons = pd.Series([""] * len(raw), index=raw.index, dtype=object)
+    ttype = _checked_text(raw, "target_type", reasons, limit=configs.c.target_type.type.length,
+                          empty_reason="empty target_type").to_pylist()
+    tid = _checked_text(raw, "target_id", reasons, limit=CONFIG_TARGET_ID_MAX, empty_reason="empty target_id").to_pylist()
+    if "valid_from" in raw.columns:
+        valid_from, unparsable, out_of_range = _parse_timestamps(raw["valid_from"])
+        given = _mask(pc.not_equal(_stripped(_text_cells(raw["valid_from"])[0]), ""))
+        _timestamp_reasons(reasons, "valid_from", unparsable & given, out_of_range)
+    else:
+        valid_from = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
+    parsed: list[object] = []
+    for pos, value in enumerate(raw["config_json"].tolist()):
+        if isinstance(value, dict):
+            config = value
+        else:
+            try:
+                config = json.loads(value) if isinstance(value, str) else None
+            except ValueError:
+                config = None
+        parsed.append(config)
+        if reasons.iloc[pos] == "":
+            problem = config_problem(str(ttype[pos]), str(tid[pos]), config, domain)
+            if problem:
+                reasons.iloc[pos] = problem
+    problem_rows = _read_problem_rows(reasons, raw, notes)
+    key = pd.Series([f"{a}\x00{b}\x00{c}" for a, b, c in zip(ttype, tid, valid_from.astype(str))], index=raw.index)
+    dup = _duplicated_last_among(key, ~problem_rows & (reasons == "").to_numpy())
+    _add_reason(reasons, dup, "target and valid_from repeated later in the same file (later row kept)")
+    good = (reasons == "").to_numpy()
+    frame = pd.DataFrame({
+        "target_type": [ttype[i] for i in np.flatnonzero(good)],
+        "target_id": [tid[i] for i in np.flatnonzero(good)],
+        "config_json": [json.dumps(parsed[i], sort_keys=True, separators=(",", ":")) for i in np.flatnonzero(good)],
+        "valid_from": valid_from[good].to_numpy(),
+    }, columns=cols)
+    quarantine_rows = pd.concat([line_bad, _quarantine_frame("configs", domain, source, lines, reasons, raw, ~good,
+                                                             notes)], ignore_index=True)
+    return GovernanceBatch(frame, quarantine_rows, n_rows=len(raw) + len(line_bad), ignored_columns=ignored,
+                           duplicates_in_file=int(dup.sum()))
 
 
 # ---------------------------------------------------------------------------

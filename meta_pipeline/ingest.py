@@ -7,6 +7,7 @@ the insert, so a crash leaves the previous rows and nothing is ever duplicated.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -28,6 +29,8 @@ from meta_pipeline.contracts import (
     read_input_file,
     validate_domain,
     validate_feedback,
+    validate_backtests,
+    validate_configs,
     validate_task,
     validate_telemetry,
     validate_trades,
@@ -131,6 +134,64 @@ def ingest_feedback_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray
     return report
 
 
+def ingest_backtests_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, domain: str,
+                           source: str) -> IngestReport:
+    """Validate a backtest-runs frame and land it: a run_id already stored for this domain is replaced;
+    one that belongs to another domain is quarantined (run_id is global). One transaction."""
+    from meta_pipeline.store import configs as config_rows
+
+    batch = validate_backtests(raw, lines, domain=domain, source=source)
+    report = IngestReport(domain, "backtests", source, rows_read=batch.n_rows, ignored_columns=batch.ignored_columns,
+                          duplicates_in_file=batch.duplicates_in_file)
+    now = pd.Timestamp.now(tz="UTC")
+    quarantine = batch.quarantine
+    with store.write() as conn:
+        rows = batch.rows
+        owners = config_rows.backtest_run_owners(conn, rows["run_id"].tolist())
+        foreign = rows["run_id"].map(lambda r: owners.get(r, domain) != domain).to_numpy(dtype=bool)
+        if foreign.any():
+            quarantine = pd.concat([quarantine, pd.DataFrame({
+                "domain": domain, "kind": "backtests", "source_file": source, "line": 0,
+                "reason": [f"run_id {r!r} already belongs to domain {owners[r]!r}" for r in rows.loc[foreign, "run_id"]],
+                "raw_json": [json.dumps({"run_id": r}) for r in rows.loc[foreign, "run_id"]]})], ignore_index=True)
+            rows = rows[~foreign]
+        report.replaced = config_rows.replace_backtest_runs(conn, rows.to_dict(orient="records"))
+        report.ingested = len(rows)
+        report.quarantined = len(quarantine)
+        if len(quarantine):
+            store.append("quarantine", quarantine.assign(quarantined_at=now), conn=conn)
+        store.record_batch(conn, domain, "backtests", source, report.ingested, report.quarantined, now)
+    report.reasons = _reason_counts(quarantine)
+    return report
+
+
+def ingest_configs_frame(store: MetaStore, raw: pd.DataFrame, lines: np.ndarray, *, domain: str,
+                         source: str) -> IngestReport:
+    """Validate an engine-configs frame and land each row as its target's next ``configs`` version (in
+    valid_from order). A row already there (equal to the active config, or the same config and valid_from
+    sent before) writes nothing and counts as ingested and replaced. One transaction."""
+    from meta_pipeline.store import configs as config_rows
+
+    batch = validate_configs(raw, lines, domain=domain, source=source)
+    report = IngestReport(domain, "configs", source, rows_read=batch.n_rows, ignored_columns=batch.ignored_columns,
+                          duplicates_in_file=batch.duplicates_in_file)
+    now = pd.Timestamp.now(tz="UTC")
+    rows = batch.rows.assign(valid_from=pd.to_datetime(batch.rows["valid_from"], utc=True).fillna(now))
+    actor = f"ingest {Path(source).name}"[:200]
+    with store.write() as conn:
+        for row in rows.sort_values("valid_from", kind="stable").itertuples(index=False):
+            version = config_rows.write_ingested_config(conn, row.target_type, row.target_id, row.config_json, actor,
+                                                        row.valid_from.to_pydatetime(), now.to_pydatetime())
+            report.ingested += 1
+            report.replaced += version is None  # already there (the active config, or sent before): unchanged
+        report.quarantined = len(batch.quarantine)
+        if len(batch.quarantine):
+            store.append("quarantine", batch.quarantine.assign(quarantined_at=now), conn=conn)
+        store.record_batch(conn, domain, "configs", source, report.ingested, report.quarantined, now)
+    report.reasons = _reason_counts(batch.quarantine)
+    return report
+
+
 def ingest_file(store: MetaStore, kind: str, path: str | Path, domain: str) -> IngestReport:
     """Validate and load one file. Raises ContractError if the file is rejected whole.
 
@@ -159,6 +220,10 @@ def ingest_file(store: MetaStore, kind: str, path: str | Path, domain: str) -> I
         return ingest_trades_frame(store, raw, lines, domain=domain, source=source)
     if kind == "feedback":
         return ingest_feedback_frame(store, raw, lines, task=domain, source=source)
+    if kind == "backtests":
+        return ingest_backtests_frame(store, raw, lines, domain=domain, source=source)
+    if kind == "configs":
+        return ingest_configs_frame(store, raw, lines, domain=domain, source=source)
     return ingest_telemetry_frame(store, raw, lines, domain=domain, source=source)
 
 

@@ -168,3 +168,68 @@ def test_predict_skips_an_override_past_its_valid_until(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "trade_id,edge" and "late,0" in done.stdout
     assert "1 trade(s) closed after the valid_until" in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# inputs a user brings: backtests and configs, validated and quarantined like trades
+# ---------------------------------------------------------------------------
+
+BACKTESTS = """run_id,strategy_id,regime,started_at,mean_return_r,std_return_r,n_trades,metric.sharpe,extra
+r1,alpha,trend,2026-05-01T00:00:00Z,0.10,1.0,400,0.1,x
+r2,alpha,,2026-05-01T00:00:00Z,0.08,1.0,900,,y
+r3,beta,range,not-a-time,0.1,1.0,400,,
+r4,beta,range,2026-05-01,0.1,-1,1.5,,
+r1,alpha,trend,2026-05-02T00:00:00Z,0.12,1.0,500,0.2,z
+"""
+CONFIGS = """target_type,target_id,config_json,valid_from
+STRATEGY_CONFIG,d1/alpha,"{""regime_weights"": {""trend"": 0.8}}",2026-05-01T00:00:00Z
+STRATEGY_CONFIG,d1/alpha,"{""regime_weights"": {""trend"": 0.7}}",2026-05-10T00:00:00Z
+PM_OVERRIDES,d1,"{""min_support"": 40}",
+PM_OVERRIDES,d2,"{""min_support"": 40}",
+RISK_CONFIG,d1,"{}",
+META_KNOBS,d1,"{""nope"": 1}",
+STRATEGY_CONFIG,d1/beta,not json,
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_backtests_and_configs_ingest_with_quarantine(tmp_path: Path, backend: str, request) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = MetaStore(db_url=url)
+    (tmp_path / "bt.csv").write_text(BACKTESTS)
+    (tmp_path / "cf.csv").write_text(CONFIGS)
+    report = ingest_file(store, "backtests", tmp_path / "bt.csv", "d1")
+    assert (report.rows_read, report.ingested, report.quarantined, report.duplicates_in_file) == (5, 2, 3, 1)
+    assert report.ignored_columns == ["extra"]
+    runs = store.read("backtest_runs", order_by="run_id")
+    assert list(runs["run_id"]) == ["r1", "r2"] and runs["regime"].isna().tolist() == [False, True]
+    assert json.loads(runs["metrics_json"].iloc[0]) == {"mean_return_r": 0.12, "std_return_r": 1.0, "n_trades": 500,
+                                                        "sharpe": 0.2}  # the later r1 row
+    q = store.read("quarantine", equals={"kind": "backtests"}, order_by="line")
+    assert list(q["line"]) == [2, 4, 5]
+    assert q["reason"].iloc[2] == "std_return_r is negative; n_trades is not a whole number ≥ 2"
+    # a run_id of another domain is not stolen
+    foreign = ingest_file(store, "backtests", tmp_path / "bt.csv", "d2")
+    assert foreign.ingested == 0 and "already belongs to domain 'd1'" in "".join(foreign.reasons)
+
+    report = ingest_file(store, "configs", tmp_path / "cf.csv", "d1")
+    assert (report.ingested, report.quarantined) == (3, 4)
+    reasons = store.read("quarantine", equals={"kind": "configs"}, order_by="line")["reason"].tolist()
+    assert reasons == ["target_id of a PM_OVERRIDES must be the domain (d1)",
+                       "target_type 'RISK_CONFIG' unknown (use STRATEGY_CONFIG, META_KNOBS, PM_OVERRIDES)",
+                       "unknown knob 'nope' in config_json", "config_json must be a JSON object"]
+    # history in valid_from order, the latest active: what the consumers read
+    assert lifecycle.active_config(store, "STRATEGY_CONFIG", "d1/alpha") == (2, {"regime_weights": {"trend": 0.7}})
+    assert lifecycle.active_config(store, "PM_OVERRIDES", "d1")[1] == {"min_support": 40}
+    assert list(lifecycle.change_log(store)["action"]) == ["ingest"] * 3
+    again = ingest_file(store, "configs", tmp_path / "cf.csv", "d1")  # re-sent: nothing new
+    assert (again.ingested, again.replaced) == (3, 3) and len(store.read("configs")) == 3
+    # a proposal is made against the ingested config (strategy weight 0.7 in trend is the snapshot)
+    from meta_pipeline.governance.proposals import generate_proposals
+
+    row = {"domain": "d1", "section": "strategy_vs_peers", "subject": "alpha/trend", "metric": "shortfall_return_r",
+           "value": 0.5, "ci_low": None, "ci_high": None, "n": 500, "p_value": 1e-12,
+           "details_json": json.dumps({"strategy_id": "alpha", "regime": "trend", "sd": 1.0})}
+    proposals, _ = generate_proposals(pd.DataFrame([row]), store.active_configs())
+    assert json.loads(proposals["current_config_snapshot_json"].iloc[0]) == {"regime_weights": {"trend": 0.7}}
+    assert json.loads(proposals["proposed_config_json"].iloc[0])["regime_weights"]["trend"] == 0.5

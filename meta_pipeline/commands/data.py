@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from meta_pipeline.commands.errors import UserError, abs_path, check_input_file, command, open_store
-from meta_pipeline.contracts import KINDS, TASK_KINDS, ContractError, validate_domain, validate_task
+from meta_pipeline.contracts import GOVERNANCE_KINDS, KINDS, TASK_KINDS, ContractError, validate_domain, validate_task
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.paths import dagster_home, data_dir
 from meta_pipeline.store import MetaStore
@@ -114,7 +114,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                 print(f"registered new task partition {target!r} in Dagster ({dagster_home()})")
         elif register_domains(instance, [target]):
             print(f"registered new domain partition {target!r} in Dagster ({dagster_home()})")
-        report_ingest(instance, report)
+        if args.kind not in GOVERNANCE_KINDS:  # backtests/configs are read by diagnostics, not a source asset
+            report_ingest(instance, report)
     if not report.ok:
         raise UserError(str(path), "nothing could be ingested from this file (see the quarantine reasons above)",
                         "fix the rows and ingest it again", code=1)
@@ -255,11 +256,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_db(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="ingest a trades, telemetry (per domain) or feedback (per task) file "
-                                      "(CSV, JSON Lines, Parquet)")
+    p = sub.add_parser("ingest", help="ingest a trades, telemetry, backtests or configs (per domain) or feedback "
+                                      "(per task) file (CSV, JSON Lines, Parquet)")
     p.add_argument("kind", choices=[*KINDS, "examples"])  # examples: a prompt task's, per task
     p.add_argument("file")
-    p.add_argument("--domain", default=None, help="the domain (trades, telemetry)")
+    p.add_argument("--domain", default=None, help="the domain (trades, telemetry, backtests, configs)")
     p.add_argument("--task", default=None,
                    help="the task (feedback): any model whose outputs are rated; columns ts, input, output, score")
     p.add_argument("--no-dagster", action="store_true", help="do not register the partition / record the event")

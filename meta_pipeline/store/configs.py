@@ -3,19 +3,21 @@
 Every function takes the caller's open transaction (``MetaStore.write()``), so a
 lifecycle step — check, conditional status update, new config version, change-log row —
 commits together or not at all. The state machine itself is
-``meta_pipeline.governance.lifecycle``.
+``meta_pipeline.governance.lifecycle``. Also the writes of the governance inputs a user
+brings (``meta-pipeline ingest backtests|configs``): backtest runs and config versions.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
-from meta_pipeline.contracts import config_change_log, configs, meta_controller_config_proposals
+from meta_pipeline.contracts import backtest_runs, config_change_log, configs, meta_controller_config_proposals
 
 _P = meta_controller_config_proposals
 
@@ -90,3 +92,49 @@ def deactivate_config(conn: Connection, target_type: str, target_id: str) -> str
     conn.execute(update(configs).where(configs.c.target_type == target_type, configs.c.target_id == target_id,
                                        configs.c.active.is_(True)).values(active=False))
     return None if row is None else row.proposal_id
+
+
+def backtest_run_owners(conn: Connection, run_ids: list[str]) -> dict[str, str]:
+    """run_id -> domain of the runs already stored (run_id is global: one domain owns it)."""
+    if not run_ids:
+        return {}
+    out: dict[str, str] = {}
+    for start in range(0, len(run_ids), 500):
+        chunk = run_ids[start:start + 500]
+        out.update({str(r.run_id): str(r.domain) for r in conn.execute(
+            select(backtest_runs.c.run_id, backtest_runs.c.domain).where(backtest_runs.c.run_id.in_(chunk)))})
+    return out
+
+
+def replace_backtest_runs(conn: Connection, rows: list[dict]) -> int:
+    """Upsert backtest runs of one domain by run_id (the caller checked ownership); returns how many existed."""
+    rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]  # NaN -> NULL
+    ids = [r["run_id"] for r in rows]
+    replaced = 0
+    for start in range(0, len(ids), 500):
+        replaced += conn.execute(delete(backtest_runs).where(backtest_runs.c.run_id.in_(ids[start:start + 500]))).rowcount
+    if rows:
+        conn.execute(backtest_runs.insert(), rows)
+    return replaced
+
+
+def write_ingested_config(conn: Connection, target_type: str, target_id: str, config_json: str, actor: str,
+                          valid_from: datetime, now: datetime) -> int | None:
+    """A config brought by a user becomes the target's next active version (like an applied proposal),
+    with a config_change_log row (action ``ingest``). Returns the version, or None when it equals the
+    active config or was ingested before (same config, same valid_from): nothing to write."""
+    active = active_config_row(conn, target_type, target_id)
+    if active is not None and json.loads(active[1]) == json.loads(config_json):
+        return None
+    same_time = conn.execute(select(configs.c.config_json, configs.c.created_at).where(
+        configs.c.target_type == target_type, configs.c.target_id == target_id)).all()
+    stamp = valid_from.replace(tzinfo=None) if valid_from.tzinfo else valid_from
+    for text_, created in same_time:  # already ingested (same config, same valid_from): a re-sent file
+        if created is not None and (created.replace(tzinfo=None) if created.tzinfo else created) == stamp \
+                and json.loads(text_) == json.loads(config_json):
+            return None
+    version = write_config_version(conn, target_type, target_id, config_json, actor, valid_from, None)
+    append_change_log(conn, changed_at=now, proposal_id=None, action="ingest", actor=actor, target_type=target_type,
+                      target_id=target_id, from_version=active[0] if active else None, to_version=version,
+                      before_json=active[1] if active else None, after_json=config_json)
+    return version
