@@ -72,7 +72,9 @@ def _read_inputs(store: StoreParam, domain: str) -> DiagnosticsInputs:
 def _key_findings(result: DiagnosticsResult) -> pd.DataFrame:
     rows = result.rows
     picks = [
+        rows[rows["section"] == "strategy_vs_peers"].sort_values("p_value").head(3),
         rows[rows["section"] == "realized_vs_backtest"].sort_values("p_value").head(6),
+        rows[rows["section"] == "risk_overrides"],
         rows[rows["section"] == "knob_importance"].sort_values("p_value"),
         rows[(rows["section"] == "knob_best_region") & (rows["p_value"] < 0.05)].sort_values("p_value"),
         rows[rows["section"].isin(["global_prior_gap", "override_churn", "controller"])],
@@ -134,7 +136,9 @@ def _backtest_figure(result: DiagnosticsResult) -> Figure | None:
     kinds={"pandas", "sql"},
     deps=["trades", "telemetry", "pm_overrides", "controller_state", "global_prior"],
     description=(
-        "Per-domain diagnostics: performance by regime / strategy / pattern family, realized vs backtest, "
+        "Per-domain diagnostics: performance by regime / strategy / pattern family / scope attribute, each "
+        "strategy × regime against its peers and its other regimes, tails (expected shortfall, drawdown, "
+        "bootstrap stress), dispersion across regimes, risk overrides, realized vs backtest, "
         "override firing and worth, knob importance vs a permutation null, best knob region, "
         "global-prior gap, nearest past configurations. Table `diagnostics`."
     ),
@@ -177,7 +181,8 @@ class AutoApplyPolicy(dg.Config):
 
 # the diagnostics sections each kind of proposal is drawn from (governance.proposals), and what they need
 _EVIDENCE = (
-    ("STRATEGY_CONFIG", ("realized_vs_backtest",), "realized-vs-backtest rows (needs backtest_runs matching the trades)"),
+    ("STRATEGY_CONFIG", ("strategy_vs_peers", "realized_vs_backtest"),
+     "strategy × regime cell with peers and other regimes (needs trades of ≥ 2 strategies in ≥ 2 regimes)"),
     ("META_KNOBS", ("knob_best_region", "global_prior_gap"), "knob diagnostics (needs telemetry with knob values)"),
     ("PM_OVERRIDES", ("override_churn",), "override churn (needs an earlier diagnostics run with overrides)"),
 )
@@ -235,6 +240,7 @@ def config_proposals(context: dg.AssetExecutionContext, config: AutoApplyPolicy,
         "proposals_generated": dg.MetadataValue.int(len(run.proposals)),
         "inserted": dg.MetadataValue.int(len(run.inserted)),
         "duplicates_skipped": dg.MetadataValue.int(len(run.duplicates)),
+        "superseded": dg.MetadataValue.json(run.superseded),
         "missing_evidence": dg.MetadataValue.md("\n".join(f"- {n}" for n in missing) or "_(every source has evidence)_"),
         "auto_apply": dg.MetadataValue.text(
             f"enabled, ≥ {policy.min_confidence}, {list(policy.target_types)}" if policy.enabled else "off"),
