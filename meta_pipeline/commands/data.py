@@ -103,7 +103,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     try:
         report = ingest_file(store, args.kind, path, target)
     except ContractError as exc:
-        raise UserError(f"rejected {path}", str(exc), "fix the file and ingest it again") from exc
+        message = str(exc).removeprefix(f"{path}: ")  # the file is named once, in front
+        raise UserError(f"rejected {path}", message, "fix the file and ingest it again") from exc
     print(report.summary())
     if not args.no_dagster:
         from meta_pipeline.commands.orchestration import get_instance, register_domains, register_tasks, report_ingest
@@ -166,6 +167,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("4/4 cross-domain assets (fleet_refresh_job)")
     fleet_result = run_fleet_job(instance, store)
     print(f"  fleet: {'ok' if fleet_result.success else 'FAILED'} (run {fleet_result.run_id[:8]})")
+    print("prompts: prompt evolution of the sample task commonsense-mc (docs/prompts.md; default model: the "
+          "simulated one, META_PIPELINE_LLM_PROVIDER=scripted)")
+    from meta_pipeline.commands.prompts import run_prompt_demo
+
+    if not run_prompt_demo(store, instance):
+        failed.append("prompts")
 
     print("\nSummary")
     for table_name in (
