@@ -192,3 +192,25 @@ def test_the_reward_adds_the_realized_gain_and_falls_back_to_telemetry():
     assert realized_gain(cycles.head(0)).available is False
     few = realized_gain(cycles.assign(n=[50, 50]))
     assert not few.available and "telemetry alone" in few.note
+
+
+def test_the_sensor_and_the_verdict_rows_behave_alike_on_both_backends(any_store):
+    """One relearn per domain for its newest learning-knob decision (a gamma_diversity move needs none);
+    judged_on_json round-trips."""
+    now = pd.Timestamp("2026-07-01", tz="UTC")
+    knobs = default_knobs()
+
+    def row(domain: str, no: int, updates: dict, judged_on: dict | None = None) -> dict:
+        return {"decision_no": no, "reward": 0.1, "reward_ema": 0.1, "rolled_back": False, "policy_updates": updates,
+                "knobs": {**knobs, **updates}, "telemetry": [], "note": "n", "judged_on": judged_on}
+
+    any_store.append("meta_decisions", decision_rows("d1", [row("d1", 1, {"tau": 0.9}), row("d1", 2, {"g_min": 0.05})], now))
+    any_store.append("meta_decisions", decision_rows("d2", [row("d2", 1, {"gamma_diversity": 0.4})], now))
+    on = {"overrides_version": 7, "as_of": "2026-06-30T00:00:00+00:00", "n_trades": 321, "z": -2.5}
+    any_store.append("meta_decisions", decision_rows("d3", [row("d3", 4, {"tier2_enabled": 0.0}, on)], now))
+    instance = dg.DagsterInstance.ephemeral()
+    result = knob_trial_sensor(dg.build_sensor_context(instance=instance, resources={"store": any_store}))
+    assert sorted(r.run_key for r in result.run_requests) == ["knob-trial:d1:2", "knob-trial:d3:4"]
+    stored = any_store.read("meta_decisions", domain="d3")
+    assert json.loads(stored["judged_on_json"].iloc[0]) == on
+    assert any_store.read("meta_decisions", domain="d1")["judged_on_json"].isna().all()
