@@ -110,6 +110,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.section == "knob-tuning":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _knob_tuning(args, progress)
+    if args.section == "prompts":  # prompt evolution on the sample tasks, simulated model (commands/prompts.py)
+        from meta_pipeline.commands.prompts import evaluate_prompts
+
+        return evaluate_prompts(args)
     if args.section == "governance":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _governance(args, progress)
@@ -161,7 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning", "prompts"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
     # --section knobs: each knob from bound to bound on its fleet, ~30 s per seed (use --seeds 5); see lab/knob_fleets.py

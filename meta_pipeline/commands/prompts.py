@@ -249,3 +249,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--task", required=True)
     db(q)
     q.set_defaults(func=cmd_prompts_evolve)
+
+
+def evaluate_prompts(args: argparse.Namespace) -> int:
+    """`meta-pipeline evaluate --section prompts`: both sample tasks × --seeds seeds of the simulated model."""
+    import json
+    import sys
+
+    from meta_pipeline.lab.prompt_sim import PromptEvalConfig, format_prompts_report, jsonable_runs, prompts_section
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+    seeds = tuple(range(args.seed0, args.seed0 + args.seeds))
+    t = time.perf_counter()
+    results = jsonable_runs(prompts_section(PromptEvalConfig(seeds=seeds), progress=progress))
+    report = format_prompts_report(results) + f"\n\n({time.perf_counter() - t:.0f} s)"
+    (out / "prompts.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    (out / "prompts.md").write_text(report + "\n")
+    print(json.dumps(results, indent=1, sort_keys=True) if args.json else report)
+    if not args.json:
+        print(f"\nfull results {out}/prompts.json, {out}/prompts.md")
+    return 0
