@@ -219,7 +219,9 @@ def judge_paired_trial(state: controller_core.ControllerState, trial: PairedTria
 
     accept (z ≥ accept_z), rollback (z ≤ −rollback_z: counted, the knob's cooldown
     lengthened) or revert (neither). The incumbent's baseline moves by the gain in reward
-    units on accept; the surrogate model learns the trial point at baseline + gain.
+    units on accept; the surrogate model learns the trial point at baseline + gain. A trial
+    whose two arms priced every scored trade identically measured no effect: it is reverted
+    without blaming the direction, and the knob's trust region widens (×step_grow).
     """
     if not awaits_paired_verdict(state):
         raise ValueError("no pending learning-knob trial to judge")
@@ -233,7 +235,16 @@ def judge_paired_trial(state: controller_core.ControllerState, trial: PairedTria
     pend.update(n=max(int(pend.get("window", 1)), 1), mean=base + gain_r, base=base, gain=gain_r, se=abs(se_r))
     names = list(pend["knobs"])
     trial_knobs = dict(s.knobs)
+    tried = dict(pend.get("direction", {}))
+    steps_before = dict(s.steps)
     moved = controller_core._finish_trial(s, verdict, config)
+    no_effect = trial.n > 0 and trial.gain == 0.0 and trial.se == 0.0
+    if no_effect:  # both arms priced every trade alike: the move was too small to change what engines
+        for n in names:  # receive, not a failed direction — keep the direction and widen the trust region
+            if tried.get(n):
+                s.directions[n] = int(tried[n])
+                s.failed_directions[n] = []
+            s.steps[n] = min(config.max_step, steps_before[n] * config.step_grow)
     s.observations.append([*map(float, controller_core._unit(trial_knobs)), float(base + gain_r), float(s.evidence)])
     del s.observations[:-config.model_memory]
     if verdict == "accept":  # the paired gain is measured on many trades: it is the new baseline, unshrunk
@@ -242,6 +253,8 @@ def judge_paired_trial(state: controller_core.ControllerState, trial: PairedTria
     note = (f"paired knob trial ({', '.join(names)}) {verdict}: alignment gain {trial.gain:+.5f} ± {trial.se:.5f} "
             f"(z {z:+.2f}) on {trial.n} trades closed after {trial.as_of}, new knobs = {on}, old knobs refit as of "
             f"the same time")
+    if no_effect:
+        note += "; no trade priced differently: the knob's trust region widens, same direction next time"
     if verdict == "rollback":
         note += f"; rolled back to {', '.join(f'{n}={s.knobs[n]:g}' for n in names)} (overrides re-materialized)"
     return s, {"verdict": verdict, "moved": moved, "trial": trial.to_dict(), "note": note,
