@@ -12,6 +12,7 @@ import pytest
 from meta_pipeline.lab import synth
 from meta_pipeline.contracts import ContractError
 from meta_pipeline.governance.diagnostics import (
+    strategy_vs_peers,
     DiagnosticsInputs,
     DiagnosticsSettings,
     compute_diagnostics,
@@ -288,3 +289,82 @@ def test_controller_state_and_drift_from_approved_config():
     # only tau differs, by (0.95 − 0.8) / (0.99 − 0.8) in unit space; RMS over 6 knobs
     expected = ((0.95 - 0.8) / 0.19) / np.sqrt(len(KNOB_NAMES))
     assert ctl.loc["drift_from_config", "value"] == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------
+# strategies against peers, tails, dispersion, attributes, risk overrides, environment
+# ---------------------------------------------------------------------------
+
+
+def _hand_trades() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two strategies × two regimes, 4 trades per cell, by hand; b/R2 is the weak cell."""
+    cells = {("a", "R1"): [1.0, 0.0, 2.0, 1.0], ("a", "R2"): [1.0, 1.0, 0.0, 2.0],
+             ("b", "R1"): [1.0, 2.0, 1.0, 0.0], ("b", "R2"): [-3.0, -1.0, -2.0, -2.0]}
+    rows = [(s, g, r) for (s, g), rs in cells.items() for r in rs]
+    trades = pd.DataFrame({"trade_id": [f"t{i}" for i in range(len(rows))],
+                           "closed_at": START + pd.to_timedelta(np.arange(len(rows)), unit="h"),
+                           "strategy_id": [r[0] for r in rows], "regime": [r[1] for r in rows],
+                           "return_r": [r[2] for r in rows]})
+    scope = pd.DataFrame({"trade_id": trades["trade_id"], "key": "sector",
+                          "value": np.where(np.arange(len(rows)) % 2 == 0, "tech", "energy")})
+    risk = pd.DataFrame({"trade_id": ["t12", "t13", "t0"], "key": "risk_override", "value": ["max_loss"] * 3})
+    return trades, pd.concat([scope, risk], ignore_index=True)
+
+
+def test_strategy_vs_peers_by_hand():
+    from scipy import stats
+
+    trades, _ = _hand_trades()
+    peers = strategy_vs_peers(trades, 2).set_index(["strategy_id", "regime"])
+    row = peers.loc[("b", "R2")]
+    cell = np.array([-3.0, -1.0, -2.0, -2.0])
+    peer = np.array([1.0, 1.0, 0.0, 2.0])  # a in R2
+    own = np.array([1.0, 2.0, 1.0, 0.0])  # b in R1
+    p_peer = stats.ttest_ind(cell, peer, equal_var=False, alternative="less").pvalue
+    p_own = stats.ttest_ind(cell, own, equal_var=False, alternative="less").pvalue
+    assert row["p_value"] == pytest.approx(max(p_peer, p_own), rel=1e-9)
+    assert row["shortfall"] == pytest.approx(min(peer.mean() - cell.mean(), own.mean() - cell.mean()))
+    assert row["shortfall_sd"] == pytest.approx(row["shortfall"] / cell.std(ddof=1))
+    assert peers.loc[("a", "R1"), "p_value"] >= 0.5  # a cell as good as its peers is not short of anything
+
+
+def test_tails_dispersion_attributes_and_risk_overrides_by_hand():
+    trades, scope = _hand_trades()
+    result = compute_diagnostics(DiagnosticsInputs("d", trades, trade_scope=scope))
+    rows = result.rows.set_index(["section", "subject", "metric"])
+    # expected shortfall at 5 % of 4 trades = the worst one; drawdown of b/R2 = all of its cumulative loss
+    assert rows.loc[("tail", "b/R2", "expected_shortfall"), "value"] == -3.0
+    assert rows.loc[("tail", "b/R2", "max_drawdown"), "value"] == 8.0
+    assert rows.loc[("tail", "a/R1", "max_drawdown"), "value"] == 0.0  # cumulative 1, 1, 3, 4 never falls
+    # entropy of b's |total R| by regime: |4| and |−8| → shares 1/3, 2/3
+    p = np.array([1 / 3, 2 / 3])
+    assert rows.loc[("regime_dispersion", "b", "pnl_entropy"), "value"] == pytest.approx(-(p * np.log(p)).sum() / np.log(2))
+    assert rows.loc[("regime_dispersion", "b", "between_regime_sd"), "value"] == pytest.approx(1.5)
+    # sector attribute: tech = even trades, energy = odd ones
+    tech = trades["return_r"].to_numpy()[::2]
+    assert rows.loc[("by_attribute", "sector=tech", "mean_return_r"), "value"] == pytest.approx(tech.mean())
+    assert ("by_attribute", "sector", "anova_f") in rows.index
+    # risk overrides: 3 of 16 trades; impact = mean of them − mean of the others
+    r = trades.set_index("trade_id")["return_r"]
+    over = r.loc[["t12", "t13", "t0"]]
+    assert rows.loc[("risk_overrides", "all", "frequency"), "value"] == pytest.approx(3 / 16)
+    assert rows.loc[("risk_overrides", "max_loss", "impact_return_r"), "value"] == pytest.approx(
+        over.mean() - r.drop(over.index).mean())
+    assert not any(k == "risk_override" for k in rows.loc["by_attribute"].index.get_level_values(0))
+
+
+def test_the_environment_vector_carries_regime_mix_and_volatility():
+    from meta_pipeline.governance.diagnostics import environment_vectors
+
+    n = 100
+    trades = pd.DataFrame({"trade_id": [f"t{i}" for i in range(n)],
+                           "closed_at": START + pd.to_timedelta(np.arange(n), unit="h"),
+                           "regime": np.where(np.arange(n) < 50, "calm", "storm"),
+                           "strategy_id": "a", "return_r": np.where(np.arange(n) < 50, 0.1, 3.0) * (-1) ** np.arange(n)})
+    tel = pd.DataFrame({"ts": START + pd.to_timedelta([49.5, 99.5], unit="h"), "stability_mean": [0.9, 0.5],
+                        "vram_utilization": [0.3, 0.4], "latency_ms": [80.0, 90.0]})
+    names, env = environment_vectors(tel, trades, n_trades=50)
+    got = dict(zip(names, env[1]))
+    assert got["regime_share:storm"] == 1.0 and got["regime_share:calm"] == 0.0
+    assert got["return_volatility"] == pytest.approx(np.std(3.0 * (-1) ** np.arange(50, 100), ddof=1))
+    assert dict(zip(names, env[0]))["regime_share:calm"] == 1.0

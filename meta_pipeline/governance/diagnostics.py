@@ -40,11 +40,25 @@ Sections (``section`` column) and their statistics:
 * ``global_prior_gap`` — the same surface (all ticks) predicts the reward at the newest
   global prior and at the current knobs: gain, interval, one-sided p, and the unit-space
   distance between them.
-* ``nearest_configs`` — the current conditions (mean of the last ``recent_window`` ticks
-  of stability, vram utilization and latency) against the earlier ticks in standardized
-  feature space: the ``knn_k`` nearest, of which the best ``knn_top`` by reward are
-  listed with their knobs (descriptive only: no p-value, because picking the best
-  neighbours by reward is a selection).
+* ``nearest_configs`` — the current environment (mean of the last ``recent_window`` ticks
+  of: stability, vram utilization and latency; the regime mix and the return volatility
+  of the 50 trades before each tick) against the earlier ticks, each feature standardized
+  by its past sd: distance = RMS standardized difference, similarity = exp(−d²/2). The
+  ``knn_k`` nearest, of which the best ``knn_top`` by reward are listed with their knobs,
+  environment, distance and similarity (descriptive only: no p-value, because picking the
+  best neighbours by reward is a selection).
+* ``strategy_vs_peers`` — per strategy × regime: shortfall against the other strategies in
+  the regime AND against the strategy's own other regimes (one-sided Welch each; p = the
+  larger, an intersection–union test). What strategy proposals are made of without backtests.
+* ``tail`` — per strategy × regime: expected shortfall (mean of the worst 5 %) and max
+  drawdown of cumulative R; for the suspect cells (peer p ≤ 0.05) a bootstrap stress of
+  cutting the cell's weight (the strategy's total R and drawdown at weights 1, .75, .5, .25).
+* ``regime_dispersion`` — per strategy: n-weighted sd of its regime means, normalized
+  entropy of its |total R| across regimes, mutual information between regime and win/loss.
+* ``by_attribute`` — mean return per value of each scope key with 2..20 values (sector,
+  profile, …) with t intervals, and a one-way ANOVA per key.
+* ``risk_overrides`` — ``scope.risk_override`` (the reason; absent = none): frequency and
+  impact (mean of overridden trades minus the others, Welch interval), per reason and all.
 * ``controller`` — the controller's rollbacks, decisions, reward EMA, and the unit-space
   distance between the knobs it runs and the approved META_KNOBS config (drift).
 """
@@ -88,6 +102,7 @@ class DiagnosticsSettings:
     knn_k: int = 20
     knn_top: int = 5
     tail_alpha: float = 0.05  # expected shortfall: mean of the worst 5 % of a cell's returns
+    tail_min_n: int = 4  # smallest cell that gets tail figures
     n_bootstrap: int = 400  # bootstrap resamples of the stress of a cell's weight cut
     seed: int = 20260601
 
@@ -512,27 +527,84 @@ def best_region(u: np.ndarray, reward: np.ndarray, names: list[str], current_u: 
 # ---------------------------------------------------------------------------
 
 
+ENV_TRADES = 50  # trades before a tick that describe its market: regime mix and volatility of returns
+
+
+def environment_vectors(telemetry: pd.DataFrame, trades: pd.DataFrame | None,
+                        n_trades: int = ENV_TRADES) -> tuple[list[str], np.ndarray]:
+    """Per tick (in ``telemetry`` row order) the environment it ran in: the telemetry levels
+    (ENV_FEATURES), and from the last ``n_trades`` trades closed before the tick the share of each
+    regime (``regime_share:<r>``) and the sd of return_r (``return_volatility``). Ticks with fewer
+    than ``n_trades // 2`` trades before them get NaN trade features (cumulative sums: no loop)."""
+    names = list(ENV_FEATURES)
+    cols = [pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in ENV_FEATURES]
+    if trades is not None and len(trades) >= n_trades // 2 and "closed_at" in trades.columns:
+        t = trades.sort_values("closed_at", kind="stable")
+        closed = pd.to_datetime(t["closed_at"], utc=True).to_numpy(dtype="datetime64[ns]")
+        ts = pd.to_datetime(telemetry["ts"], utc=True).to_numpy(dtype="datetime64[ns]")
+        hi = np.searchsorted(closed, ts, side="right")
+        lo = np.maximum(hi - n_trades, 0)
+        cnt = (hi - lo).astype(float)
+        ok = cnt >= n_trades // 2
+        r = t["return_r"].to_numpy(dtype=float)
+        c1, c2 = np.concatenate([[0.0], np.cumsum(r)]), np.concatenate([[0.0], np.cumsum(r * r)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (c1[hi] - c1[lo]) / cnt
+            var = ((c2[hi] - c2[lo]) - cnt * mean**2) / (cnt - 1)
+        names.append("return_volatility")
+        cols.append(np.where(ok, np.sqrt(np.maximum(var, 0)), np.nan))
+        reg = t["regime"].astype(str).to_numpy()
+        for regime in sorted(set(reg)):
+            cr = np.concatenate([[0.0], np.cumsum(reg == regime)])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cols.append(np.where(ok, (cr[hi] - cr[lo]) / cnt, np.nan))
+            names.append(f"regime_share:{regime}")
+    return names, np.column_stack(cols)
+
+
 def nearest_configs(telemetry: pd.DataFrame, reward: np.ndarray, names: list[str], values: np.ndarray,
-                    recent_window: int, k: int, top: int) -> tuple[dict, pd.DataFrame]:
-    """The past ticks nearest the recent conditions (standardized env features), best rewards first."""
+                    recent_window: int, k: int, top: int, trades: pd.DataFrame | None = None
+                    ) -> tuple[dict, pd.DataFrame]:
+    """The past ticks whose environment was nearest the recent one, best rewards first.
+
+    Environment vector (``environment_vectors``): telemetry levels, the regime mix and the
+    return volatility of the trades around the tick. Each feature is standardized by its sd
+    over the past ticks; distance = RMS of the standardized differences (so it does not grow
+    with the number of features); similarity = exp(−distance²/2) ∈ (0, 1] (1: identical
+    conditions; 0.61 at one sd on every feature). The current environment is the mean of the
+    last ``recent_window`` ticks; of the ``k`` nearest past ticks the best ``top`` by reward
+    are listed with their knobs (the config they ran) and outcome (reward).
+    """
     order = np.argsort(pd.to_datetime(telemetry["ts"], utc=True).to_numpy(), kind="stable")
-    env = np.column_stack([pd.to_numeric(telemetry[c], errors="coerce").to_numpy(dtype=float) for c in ENV_FEATURES])[order]
+    features, env = environment_vectors(telemetry.iloc[order].reset_index(drop=True), trades)
     r, v = reward[order], values[order]
     ts = pd.to_datetime(telemetry["ts"], utc=True).to_numpy()[order]
     recent, past = slice(len(r) - recent_window, None), slice(0, len(r) - recent_window)
-    mu, sd = env[past].mean(axis=0), env[past].std(axis=0)
+    with np.errstate(invalid="ignore"):
+        current = np.nanmean(env[recent], axis=0) if np.isfinite(env[recent]).any() else env[recent][0]
+    use = np.isfinite(current) & (np.isfinite(env[past]).mean(axis=0) >= 0.5)  # features known now and mostly before
+    features = [f for f, u in zip(features, use) if u]
+    env, current = env[:, use], current[use]
+    sd = np.nanstd(env[past], axis=0)
     sd = np.where(sd > 1e-12, sd, 1.0)
-    current = env[recent].mean(axis=0)
-    dist = np.sqrt((((env[past] - current) / sd) ** 2).sum(axis=1))
+    with np.errstate(invalid="ignore"):
+        z = (env[past] - current) / sd
+    dist = np.sqrt(np.nanmean(z**2, axis=1)) if len(features) else np.zeros(len(z))
+    dist = np.where(np.isfinite(dist), dist, np.inf)
+    similarity = np.exp(-dist**2 / 2)
     nearest = np.argsort(dist, kind="stable")[: min(k, len(dist))]
     best = nearest[np.argsort(-r[past][nearest], kind="stable")[:top]]
-    summary = {"recent_reward": float(r[recent].mean()), "recent_env": dict(zip(ENV_FEATURES, current.tolist())),
-               "neighbour_mean_reward": float(r[past][nearest].mean()), "k": len(nearest)}
+    summary = {"recent_reward": float(r[recent].mean()), "recent_env": dict(zip(features, current.tolist())),
+               "features": features, "neighbour_mean_reward": float(r[past][nearest].mean()), "k": len(nearest),
+               "neighbour_mean_similarity": float(similarity[nearest].mean()),
+               "similarity": "exp(-d^2/2), d = RMS of the features standardized by their past sd"}
     frame = pd.DataFrame({
         "ts": pd.to_datetime(ts[past][best], utc=True),
         "distance": dist[best],
+        "similarity": similarity[best],
         "reward": r[past][best],
         "knobs": [dict(zip(names, map(float, row))) for row in v[past][best]],
+        "env": [dict(zip(features, map(float, row))) for row in env[past][best]],
     })
     return summary, frame
 
@@ -770,7 +842,7 @@ def _governance_rows(d: str, trades: pd.DataFrame, scope: pd.DataFrame | None, s
         notes.append("no strategy × regime cell has both peers and other regimes: strategy-vs-peers skipped")
     suspects = {(a, b) for a, b, p in zip(peers.get("strategy_id", []), peers.get("regime", []), peers.get("p_value", []))
                 if p <= 0.05}
-    tail = tail_and_stress(trades, max(s.min_group_n, 5), s.tail_alpha, s.n_bootstrap, _domain_rng(s, d + "/tail"),
+    tail = tail_and_stress(trades, s.tail_min_n, s.tail_alpha, s.n_bootstrap, _domain_rng(s, d + "/tail"),
                            suspects)
     if len(tail):
         subject = (tail["strategy_id"] + "/" + tail["regime"]).to_numpy()
@@ -1006,12 +1078,14 @@ def _knob_rows(inputs: DiagnosticsInputs, s: DiagnosticsSettings, notes: list[st
                                 "test": "one-sided, quadratic surface on all ticks"}]))
 
     if len(reward) >= s.recent_window + s.knn_k:
-        summary, near = nearest_configs(tel, reward, names, values, s.recent_window, s.knn_k, s.knn_top)
+        summary, near = nearest_configs(tel, reward, names, values, s.recent_window, s.knn_k, s.knn_top,
+                                        inputs.trades)
         blocks.append(_rows(d, "nearest_configs", ["current"], "recent_reward", [summary["recent_reward"]],
                             n=[s.recent_window], details=[summary]))
         blocks.append(_rows(d, "nearest_configs", [f"neighbour {i + 1}" for i in range(len(near))], "reward",
                             near["reward"], n=1, details=[{
                                 "ts": r["ts"].isoformat(), "distance": _clean(r["distance"]),
+                                "similarity": _clean(r["similarity"]), "env": {k: _clean(v) for k, v in r["env"].items()},
                                 "knobs": {k: _clean(v) for k, v in r["knobs"].items()}} for r in near.to_dict(orient="records")]))
     else:
         notes.append(f"fewer than {s.recent_window + s.knn_k} ticks: nearest configurations skipped")
