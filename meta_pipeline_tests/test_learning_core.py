@@ -311,7 +311,7 @@ def test_overrides_rows_follow_the_contract(runs):
         for text, key in zip(ov["source_json"], ov["lesson_key"]):
             source = json.loads(text)
             assert source["lessons"] == [key] and source["fits"][0]["lesson_key"] == key
-            assert set(source["knobs"]) == {"tau", "g_min", "tier2_enabled", "tier3_topk"}
+            assert set(source["knobs"]) == {"tau", "g_min", "lambda_ci", "tier2_enabled", "tier3_topk"}
         # the overrides sit at the planted scope: every planted signal with a sizeable
         # edge now is represented at exactly its scope
         factor_scopes = set(zip(ov["pattern"].str.split(".").str[0], ov["scope_json"]))
