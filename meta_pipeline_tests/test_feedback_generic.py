@@ -363,9 +363,9 @@ def test_end_to_end_cli_asset_and_sensors(tmp_path: Path, any_store: MetaStore, 
         assert cycles.loc[1, "coherence_pairs"] > 0  # 7 distinct tickets repeat within a cycle
 
         # no re-training asset in the code location: a skip that names the request, nothing recorded
-        from meta_pipeline.definitions import defs
-
-        ctx = dg.build_sensor_context(instance=instance, resources={"store": store}, definitions=defs)
+        # (the real code location has prompt_evolution: test_prompt_assets.py checks it is targeted)
+        without_retraining = dg.Definitions(sensors=[retrain_sensor], resources={"store": store})
+        ctx = dg.build_sensor_context(instance=instance, resources={"store": store}, definitions=without_retraining)
         skipped = retrain_sensor(ctx)
         assert not skipped.run_requests
         message = skipped.skip_reason.skip_message
