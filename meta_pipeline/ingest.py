@@ -23,6 +23,7 @@ from sqlalchemy import exc as sa_exc
 from meta_pipeline.contracts import (
     DOMAIN_KINDS,
     DOMAIN_RE,
+    GOVERNANCE_KINDS,
     KINDS,
     TASK_KINDS,
     ContractError,
@@ -252,7 +253,7 @@ def safe_text(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The inbox: data/inbox/<domain>/<trades|telemetry>/<file>
+# The inbox: data/inbox/<domain>/<trades|telemetry|backtests|configs>/<file>
 #
 # Everything else found under the inbox is refused visibly, never read: a file directly in
 # the inbox or in a domain folder, a file in any other or deeper folder, a wrong suffix, a
@@ -266,6 +267,7 @@ def safe_text(value: object) -> str:
 # ---------------------------------------------------------------------------
 
 INBOX_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet")
+INBOX_KINDS = (*DOMAIN_KINDS, *GOVERNANCE_KINDS)  # the kind folders of a domain folder
 DONE_DIR, REJECTED_DIR = "processed", "rejected"  # in a kind folder; REJECTED_DIR also at the inbox's top level
 REASON_SUFFIX = ".reason.txt"
 # placeholders that keep an empty folder in version control: not data, left alone
@@ -275,7 +277,7 @@ PLACEHOLDER_NAMES = frozenset({".gitkeep", ".keep", ".gitignore"})
 # `.x.csv.part` renamed into place when complete, a folder being filled) must not be
 # pulled away from its writer.
 MISPLACED_GRACE_SECONDS = 300.0
-LAYOUT_HINT = "inbox files go in <inbox>/<domain>/<trades|telemetry>/<name>.csv (or " + ", ".join(INBOX_SUFFIXES[1:]) + ")"
+LAYOUT_HINT = "inbox files go in <inbox>/<domain>/<trades|telemetry|backtests|configs>/<name>.csv (or " + ", ".join(INBOX_SUFFIXES[1:]) + ")"
 # errors of the store itself, not of the file: the file stays in the inbox for the next batch
 STORE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, sa_exc.DisconnectionError)
 
@@ -364,7 +366,7 @@ def _misplaced(scan: InboxScan, inbox: Path, path: Path, reason: str) -> None:
         return  # gone meanwhile
     parts = path.relative_to(inbox).parts
     domain = parts[0] if len(parts) > 1 else ""
-    kind = next((p for p in parts[1:-1] if p in DOMAIN_KINDS), "trades")
+    kind = next((p for p in parts[1:-1] if p in INBOX_KINDS), "trades")
     scan.misplaced.append(MisplacedEntry(path, safe_text(reason), domain, kind, st.st_mtime, stat.S_ISLNK(st.st_mode)))
 
 
@@ -374,11 +376,11 @@ def _scan_domain(scan: InboxScan, inbox: Path, domain_dir: Path) -> None:
         where = f"{domain}/{entry.name}"
         if entry.is_symlink():
             _misplaced(scan, inbox, entry, f"{where} is a symbolic link: never followed; " + LAYOUT_HINT)
-        elif entry.is_dir() and entry.name in DOMAIN_KINDS:
+        elif entry.is_dir() and entry.name in INBOX_KINDS:
             _scan_kind(scan, inbox, entry)
         elif entry.is_dir():
             _misplaced_tree(scan, inbox, entry,
-                            f"in {where}/, which is not a kind folder (trades or telemetry): " + LAYOUT_HINT)
+                            f"in {where}/, which is not a kind folder ({', '.join(INBOX_KINDS)}): " + LAYOUT_HINT)
         elif entry.name not in PLACEHOLDER_NAMES:
             _misplaced(scan, inbox, entry,
                        f"directly in the domain folder {domain}/, not in {domain}/trades/ or {domain}/telemetry/: "

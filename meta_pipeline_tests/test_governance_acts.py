@@ -233,3 +233,28 @@ def test_backtests_and_configs_ingest_with_quarantine(tmp_path: Path, backend: s
     proposals, _ = generate_proposals(pd.DataFrame([row]), store.active_configs())
     assert json.loads(proposals["current_config_snapshot_json"].iloc[0]) == {"regime_weights": {"trend": 0.7}}
     assert json.loads(proposals["proposed_config_json"].iloc[0])["regime_weights"]["trend"] == 0.5
+
+
+def test_the_inbox_ingests_backtests_and_configs_folders(tmp_path: Path, store: MetaStore) -> None:
+    from meta_pipeline.defs.ingest.governance_inputs import backtest_runs, engine_configs
+    from meta_pipeline.defs.ingest.sensors import inbox_run_requests
+
+    inbox = tmp_path / "inbox"
+    for kind, text in (("backtests", BACKTESTS), ("configs", CONFIGS)):
+        (inbox / "d1" / kind).mkdir(parents=True)
+        (inbox / "d1" / kind / f"{kind}.csv").write_text(text)
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"store": store})
+        result = inbox_run_requests(ctx, store, inbox)
+        by_job = {r.job_name: r for r in result.run_requests}
+        assert set(by_job) == {"ingest_backtests_job", "ingest_configs_job"}
+        instance.add_dynamic_partitions("domain", ["d1"])
+        for job, asset in (("ingest_backtests_job", backtest_runs), ("ingest_configs_job", engine_configs)):
+            req = by_job[job]
+            run = dg.materialize([asset], partition_key="d1", instance=instance, resources={"store": store},
+                                 run_config=req.run_config)
+            assert run.success
+    assert len(store.read("backtest_runs")) == 2 and len(store.read("configs")) == 3
+    assert (inbox / "d1" / "backtests" / "processed" / "backtests.csv").exists()
+    assert (inbox / "d1" / "configs" / "processed" / "configs.csv").exists()
+    assert set(store.read("quarantine")["kind"]) == {"backtests", "configs"}

@@ -27,6 +27,7 @@ import dagster as dg
 
 from meta_pipeline.contracts import ContractError, validate_domain
 from meta_pipeline.defs.ingest.assets import telemetry, trades
+from meta_pipeline.defs.ingest.governance_inputs import GOVERNANCE_INBOX_RUNS
 from meta_pipeline.ingest import (
     MISPLACED_GRACE_SECONDS,
     REJECTED_DIR,
@@ -94,10 +95,13 @@ def inbox_run_requests(
         keys = "\n".join(sorted(i.run_key for i in items))
         run_key = f"inbox:{domain}:{kind}:" + hashlib.sha256(keys.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         asset_name = "trades" if kind == "trades" else "telemetry"
+        job_name = ingest_trades_job.name if kind == "trades" else ingest_telemetry_job.name
+        if kind in GOVERNANCE_INBOX_RUNS:  # backtests/, configs/ (defs/ingest/governance_inputs.py)
+            job_name, asset_name = GOVERNANCE_INBOX_RUNS[kind][0].name, GOVERNANCE_INBOX_RUNS[kind][1]
         run_requests.append(
             dg.RunRequest(
                 run_key=run_key,
-                job_name=ingest_trades_job.name if kind == "trades" else ingest_telemetry_job.name,
+                job_name=job_name,
                 partition_key=domain,
                 run_config={"ops": {asset_name: {"config": {"files": [str(i.path) for i in items]}}}},
                 tags={"meta_pipeline/source": "inbox"},
@@ -115,7 +119,7 @@ def inbox_run_requests(
 
 
 @dg.sensor(
-    jobs=[ingest_trades_job, ingest_telemetry_job],
+    jobs=[ingest_trades_job, ingest_telemetry_job, *(job for job, _ in GOVERNANCE_INBOX_RUNS.values())],
     minimum_interval_seconds=15,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
