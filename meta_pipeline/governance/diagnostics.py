@@ -718,11 +718,20 @@ def tail_and_stress(trades: pd.DataFrame, min_n: int, alpha: float, n_boot: int,
                    "expected_shortfall": expected_shortfall(x, alpha), "max_drawdown": float(max_drawdown(x)),
                    "cell_total": float(x.sum())}
             if stress_cells is None or (strategy, regime) in stress_cells:
-                idx = rng.integers(0, len(r_all), size=(n_boot, len(r_all)))
-                sample, mask = r_all[idx], in_cell[idx]
-                cell_total = np.where(mask, sample, 0.0).sum(axis=1)
-                dd = {w: max_drawdown(np.where(mask, sample * w, sample)) for w in STRESS_WEIGHTS}
+                # bounded work and memory on big domains: ≤ 2e8 resampled trades in all, ≤ 4e6 at once
+                b = int(min(n_boot, max(50, 2e8 // len(r_all))))
+                chunk = int(max(1, 4e6 // len(r_all)))
+                cell_total, dd_parts = np.empty(b), {w: np.empty(b) for w in STRESS_WEIGHTS}
+                for start in range(0, b, chunk):
+                    stop = min(b, start + chunk)
+                    idx = rng.integers(0, len(r_all), size=(stop - start, len(r_all)))
+                    sample, mask = r_all[idx], in_cell[idx]
+                    cell_total[start:stop] = np.where(mask, sample, 0.0).sum(axis=1)
+                    for w in STRESS_WEIGHTS:
+                        dd_parts[w][start:stop] = max_drawdown(np.where(mask, sample * w, sample))
+                dd = dd_parts
                 row |= {
+                    "n_bootstrap": b,
                     "boot_cell_total_q": [float(v) for v in np.quantile(cell_total, [0.05, 0.5, 0.95])],
                     "boot_p_cell_total_negative": float((cell_total < 0).mean()),
                     "boot_drawdown": {str(w): [float(np.median(dd[w])), float(np.quantile(dd[w], 0.95))]
@@ -848,8 +857,7 @@ def _governance_rows(d: str, trades: pd.DataFrame, scope: pd.DataFrame | None, s
         subject = (tail["strategy_id"] + "/" + tail["regime"]).to_numpy()
         details = [{k: v for k, v in row.items() if k not in ("expected_shortfall", "max_drawdown")
                     and not (isinstance(v, float) and math.isnan(v))}
-                   | {"alpha": s.tail_alpha, "n_bootstrap": s.n_bootstrap if "boot_drawdown" in row and
-                      isinstance(row["boot_drawdown"], dict) else 0} for row in tail.to_dict(orient="records")]
+                   | {"alpha": s.tail_alpha} for row in tail.to_dict(orient="records")]
         blocks.append(_rows(d, "tail", subject, "expected_shortfall", tail["expected_shortfall"], n=tail["n"],
                             details=details))
         blocks.append(_rows(d, "tail", subject, "max_drawdown", tail["max_drawdown"], n=tail["n"], details=details))

@@ -7,11 +7,17 @@ the lifecycle adds on insert).
 
 Sources of candidates (each candidate is one statistical test with a one-sided p-value):
 
-* ``realized_vs_backtest`` → STRATEGY_CONFIG ``{domain}/{strategy}``: a strategy whose
-  realized return in a regime falls short of its backtests. p = one-sided Welch p of
-  "realized < backtest". Proposed: its weight in that regime × m, with
-  ``m = clip(1 − d, 0.25, 0.9)`` rounded to 0.05, where d = shortfall / realized sd
-  (the weight falls in proportion to the shortfall, never to zero, always by ≥ 10 %).
+* ``strategy_vs_peers`` → STRATEGY_CONFIG ``{domain}/{strategy}``: a strategy whose
+  return in a regime falls short of the other strategies in that regime AND of its own
+  other regimes (trades alone, no backtests needed). p = the intersection–union p of the
+  two one-sided Welch tests (diagnostics). Proposed: its weight in that regime becomes
+  ``min(current, m)``, ``m = clip(1 − d, 0.25, 0.9)`` rounded to 0.05, d = shortfall /
+  the cell's sd — an absolute target (a share of full weight), so once applied the same
+  evidence is a no-op and is never proposed (or compounded) again.
+* ``realized_vs_backtest`` → the same target: realized return short of the backtests.
+  p = one-sided Welch p of "realized < backtest"; d = shortfall / realized sd. When both
+  sources speak about one regime the more confident decides the weight and the other is
+  kept as supporting evidence (role ``supports``).
 * ``knob_best_region`` → META_KNOBS ``{domain}``: move a knob to the region where the
   reward is best. p = max(permutation p of the knob's importance, split-sample p of
   the predicted gain) — an intersection–union test: both the knob must matter and the
@@ -20,8 +26,11 @@ Sources of candidates (each candidate is one statistical test with a one-sided p
   (unit-space RMS distance ≥ 0.1) and predicted better. p = the one-sided surface p.
 * ``override_churn`` → PM_OVERRIDES ``{domain}``: many overrides appear/disappear between
   runs. p = binomial P(X ≥ changed | n, 0.2): is the churn above a 20 % base turnover?
-  Proposed: ``min_support_multiplier`` 1 + churn (rounded to 0.25, ≤ 2), so only better
-  supported lessons become overrides.
+  Proposed: ``min_support`` = max(current, ⌈30·(1 + churn)/5⌉·5, ≤ 120) — read by the
+  ``lessons`` asset, so only better supported lessons become overrides.
+
+RISK_CONFIG is gone (nothing consumed it); tail risk enters as evidence of the strategy
+proposals (expected shortfall, bootstrap stress of the cut).
 
 Confidence (in [0, 1]; documented so a reviewer can recompute it):
 
@@ -39,7 +48,7 @@ chance that ANY candidate of a run gets there ≤ 1 %, and a small effect or a s
 pulls it down further (low evidence → low confidence → never auto-applied). A candidate
 is proposed when q ≤ 0.1 and the change is not a no-op. Candidates for the same target
 merge into one proposal (so two proposals never fight over one config); its confidence
-is the smallest of its parts'.
+is the smallest of its deciding parts'.
 
 Evidence hash: sha256 over the canonical JSON of target type and id, the current config
 snapshot, the proposed config (already on coarse grids: multipliers on 0.05, knob values

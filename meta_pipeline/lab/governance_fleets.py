@@ -178,7 +178,7 @@ def governance_section(config: GovernanceSectionConfig | None = None,
     planted, null = [], []
     for seed in cfg.seeds:
         if progress:
-            progress(f"governance: seed {seed}")
+            progress(f"governance: {cfg.fleet.n_trades} trades, {cfg.fleet.noise} noise, seed {seed}")
         planted.append(_planted_case(seed, cfg))
         null.append(_null_case(seed, cfg))
     conf = np.array([p["top_confidence"] or 0.0 for p in planted])
@@ -236,14 +236,16 @@ def format_governance(result: dict) -> str:
     return "\n".join(lines)
 
 
-SIZES = (6000, 1500)  # trades per domain: the synthetic fleets' default size, and a quarter of it
+# (trades per domain, noise): the synthetic fleets' default size, a quarter of it, and heavy tails
+VARIANTS = ((6000, "gaussian"), (1500, "gaussian"), (6000, "student_t"))
 
 
 def governance_report(seeds: tuple[int, ...], progress: Callable[[str], None] | None = None) -> tuple[dict, str]:
-    """The section at every fleet size in ``SIZES``: (results, text)."""
+    """The section for every fleet variant in ``VARIANTS``: (results, text)."""
     results, text = {}, []
-    for n in SIZES:
-        cfg = GovernanceSectionConfig(seeds=seeds, fleet=GovernanceFleetConfig(n_trades=n))
-        results[f"n_trades_{n}"] = governance_section(cfg, progress=progress)
-        text.append(format_governance(results[f"n_trades_{n}"]))
+    for n, noise in VARIANTS:
+        cfg = GovernanceSectionConfig(seeds=seeds, fleet=GovernanceFleetConfig(n_trades=n, noise=noise))
+        key = f"n_trades_{n}_{noise}"
+        results[key] = governance_section(cfg, progress=progress)
+        text.append(format_governance(results[key]))
     return results, "\n\n".join(text)
