@@ -25,6 +25,12 @@ def planted_edge_history(
     short_frac: float = 0.05,
     mean_trades: tuple[float, float] = (8.0, 60.0),
     start: pd.Timestamp = pd.Timestamp("2024-01-01", tz="UTC"),
+    noise: str = "gaussian",
+    t_df: float = 3.0,
+    sd_trend: float = 0.0,
+    day_sd_range: tuple[float, float] = (1.0, 1.0),
+    edge_day_cv: float = 0.0,
+    count_dispersion: float = 0.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Planted edge histories with known e0 and lambda (for tests and the bench).
 
@@ -39,6 +45,17 @@ def planted_edge_history(
     buckets.  Time origin of each lesson's truth is its first bucket_start.
     ``truth.lambda_z`` = |lambda| / (expected s.e. of lambda-hat): how well the
     planted data can pin lambda at all (0 for stable and noise lessons).
+
+    Generator variation (defaults = the data above, byte-identical; variation draws come
+    from a separate stream): ``noise`` ``"student_t"`` (t with ``t_df`` dof scaled to
+    variance 1: heavy tails, bucket means built from the trades) or ``"gaussian"``;
+    ``sd_trend`` multiplies a bucket's trade sd by ``exp(sd_trend·(k/K − ½))`` (< 0:
+    noisy early buckets, exactly where a decay's information sits); ``day_sd_range``
+    a per-bucket sd multiplier, log-uniform; ``edge_day_cv`` a multiplicative
+    day-to-day wobble of the edge (overdispersion the within-bucket se cannot see);
+    ``count_dispersion`` makes the counts negative-binomial (Gamma-mixed Poisson with
+    that squared coefficient of variation: bursty days). ``lambda_z`` stays the
+    homoscedastic figure.
     """
     rng = np.random.default_rng(seed)
     L, K, h = int(n_lessons), int(n_buckets), float(bucket_hours)
@@ -64,7 +81,15 @@ def planted_edge_history(
     offset_days = rng.integers(0, 30, L)
 
     k = np.arange(K)[None, :]
-    cnt = rng.poisson(np.broadcast_to(m[:, None], (L, K)))
+    varied = (noise != "gaussian" or sd_trend != 0.0 or tuple(day_sd_range) != (1.0, 1.0)
+              or edge_day_cv > 0.0 or count_dispersion > 0.0)
+    if noise not in ("gaussian", "student_t"):
+        raise ValueError(f"noise must be 'gaussian' or 'student_t' (got {noise!r})")
+    vrng = np.random.default_rng([int(seed), 0x5EED])
+    rate = np.broadcast_to(m[:, None], (L, K))
+    if count_dispersion > 0.0:
+        rate = rate * vrng.gamma(1.0 / count_dispersion, count_dispersion, (L, K))
+    cnt = rng.poisson(rate)
     keep = (k < span[:, None]) & (cnt > 0)
     # Exact bucket average of e0*exp(-lam t) over [k h, (k+1) h].
     lh = lam[:, None] * h
@@ -72,10 +97,17 @@ def planted_edge_history(
         avg = np.where(np.abs(lh) > 1e-12, -np.expm1(-lh) / lh, 1.0)
     true_mean = e0[:, None] * np.exp(-lam[:, None] * k * h) * avg
     nn = np.maximum(cnt, 1)
-    noise = rng.standard_normal((L, K)) * sigma[:, None] / np.sqrt(nn)
+    noise_draw = rng.standard_normal((L, K)) * sigma[:, None] / np.sqrt(nn)
     df_chi = np.maximum(nn - 1, 1)
     sd = sigma[:, None] * np.sqrt(rng.chisquare(df_chi) / df_chi)
     edge_se = np.where(nn >= 2, sd / np.sqrt(nn), np.nan)
+    if varied:  # bucket means and sds from the trades themselves
+        lo, hi = day_sd_range
+        scale = sigma[:, None] * np.exp(sd_trend * (k / K - 0.5)) * np.exp(
+            vrng.uniform(np.log(lo), np.log(hi), (L, K)))
+        wobble_sd = edge_day_cv * np.abs(true_mean)
+        true_mean = true_mean * (1.0 + edge_day_cv * vrng.standard_normal((L, K)))
+        noise_draw, edge_se = _bucket_noise(vrng, nn, scale, noise, t_df)
 
     # Expected identifiability of lambda: |lambda| / se(lambda) from the Fisher
     # information at the truth with expected counts m (lets tests select
@@ -85,6 +117,15 @@ def planted_edge_history(
     b0, b1, b2 = f2.sum(1), (f2 * t_mid).sum(1), (f2 * t_mid**2).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         se_lam = sigma * np.sqrt(b0 / (e0**2 * (b0 * b2 - b1**2)))
+        if varied:
+            # the fit's own (weighted least squares, weights n) sampling s.e. of lambda under
+            # the varied noise: sandwich at the truth, bucket variance scale^2/m + wobble^2
+            live = k < span[:, None]
+            wf2 = np.where(live, m[:, None] * np.exp(-2.0 * lam[:, None] * t_mid), 0.0)
+            m1 = (wf2 * t_mid).sum(1) / wf2.sum(1)
+            g = wf2 * (t_mid - m1[:, None]) ** 2
+            v_bucket = scale**2 / m[:, None] + wobble_sd**2
+            se_lam = np.sqrt((g * m[:, None] * v_bucket).sum(1)) / (np.abs(e0) * g.sum(1))
         lambda_z = np.where(e0 != 0, np.abs(lam) / se_lam, 0.0)
 
     keys = np.char.add("lesson_", np.char.zfill(np.arange(L).astype(str), 6))
@@ -97,7 +138,7 @@ def planted_edge_history(
             "lesson_key": keys[li],
             "bucket_start": pd.to_datetime(bucket_ns, utc=True),
             "n": cnt[li, kk].astype(np.int64),
-            "edge_mean": (true_mean + noise)[li, kk],
+            "edge_mean": (true_mean + noise_draw)[li, kk],
             "edge_se": edge_se[li, kk],
         }
     )
@@ -115,6 +156,29 @@ def planted_edge_history(
         }
     )
     return edge_history, truth
+
+
+def _bucket_noise(
+    vrng: np.random.Generator, nn: np.ndarray, scale: np.ndarray, noise: str, t_df: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mean noise, se) of each bucket from its ``nn`` trades with sd ``scale`` (vectorized, ragged).
+
+    Trades are drawn as one flat vector and reduced per bucket with ``bincount``.
+    """
+    flat = np.repeat(np.arange(nn.size), nn.ravel())
+    if noise == "student_t":
+        e = vrng.standard_t(t_df, flat.size) * (math.sqrt((t_df - 2.0) / t_df) if t_df > 2 else 1.0)
+    else:
+        e = vrng.standard_normal(flat.size)
+    e = e * scale.ravel()[flat]
+    n = nn.ravel().astype(float)
+    s1 = np.bincount(flat, e, nn.size)
+    s2 = np.bincount(flat, e * e, nn.size)
+    mean = s1 / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.maximum(s2 - n * mean * mean, 0.0) / (n - 1.0)
+        se = np.where(n >= 2, np.sqrt(var / n), np.nan)
+    return mean.reshape(nn.shape), se.reshape(nn.shape)
 
 
 # --------------------------------------------------------------------- bench

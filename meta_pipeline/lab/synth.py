@@ -40,7 +40,8 @@ SIZE_P = (0.4, 0.4, 0.2)
 METRICS = ("time_efficiency", "slippage", "fill_quality", "momentum")
 METRIC_CENTER = {"time_efficiency": 0.6, "slippage": 12.0, "fill_quality": 0.85, "momentum": 0.0}
 METRIC_SCALE = {"time_efficiency": 0.15, "slippage": 4.0, "fill_quality": 0.05, "momentum": 1.5}
-MEMBER_NAMES = ("buy_flag", "breakout", "volume_spike", "trend_ok")
+MEMBER_NAMES = ("buy_flag", "breakout", "volume_spike", "trend_ok", "pullback", "range_break")
+NOISE_KINDS = ("gaussian", "student_t", "heteroscedastic", "student_t_heteroscedastic")
 HOURS_PER_DAY = 24.0
 
 
@@ -147,6 +148,19 @@ class FleetConfig:
     # a planted break: the first `break_families` signals' edges flip sign at this day (None: no break)
     break_at_days: float | None = None
     break_families: int = 2
+    # --- generator variation (so tests cannot pass on one generator's shape). The defaults
+    # below leave the fleet above byte-identical: variation draws come from their own stream
+    # (seeded by seed and domain index), never from the main one.
+    members_per_family_range: tuple[int, int] | None = None  # family size per family, inclusive (2..6)
+    member_fire_p_range: tuple[float, float] | None = None  # co-firing: P(member fires | family on), per family
+    noise_kind: str = "gaussian"  # one of NOISE_KINDS
+    noise_t_df: float = 3.0  # student_t*: degrees of freedom (unit variance after scaling)
+    noise_day_sd_range: tuple[float, float] = (0.5, 2.0)  # heteroscedastic*: per-day sd multiplier, log-uniform
+    noise_sd_trend: float = 0.0  # heteroscedastic*: sd multiplier exp(trend·(t/T − ½)); > 0 noisier late, < 0 early
+    noise_scope_sd: tuple[float, float] = (1.0, 1.0)  # heteroscedastic*: per-chain sd multiplier, log-uniform
+    edge_day_cv: float = 0.0  # day-to-day multiplicative wobble of each planted edge (overdispersion)
+    edge_day_ar: float = 0.0  # AR(1) coefficient of that wobble across days (0: independent days)
+    scope_depths: tuple[int, ...] | None = None  # each signal's scope depth drawn from these (0 global, 1, 2)
 
 
 @dataclass
@@ -289,11 +303,30 @@ def exploration_knobs(n: int, rng: np.random.Generator, center: dict[str, float]
 # ---------------------------------------------------------------------------
 
 
+def _vrng(vrng: np.random.Generator | None) -> np.random.Generator:
+    if vrng is None:
+        raise ValueError("generator variation needs its own random stream")
+    return vrng
+
+
 def _family_patterns(f: int, members: int) -> tuple[str, ...]:
     return tuple(f"F{f}.{MEMBER_NAMES[m % len(MEMBER_NAMES)]}" for m in range(members))
 
 
-def _plant_signals(cfg: FleetConfig, rng: np.random.Generator) -> tuple[list[SignalTruth], dict[str, tuple[str, ...]]]:
+def _random_scope(depth: int, vrng: np.random.Generator) -> dict[str, str]:
+    """A scope of ``depth`` attributes (0: global, 1: chain or size, 2: chain and size), values by their mix."""
+    chain = str(CHAINS[vrng.choice(len(CHAINS), p=CHAIN_P)])
+    size = str(SIZES[vrng.choice(len(SIZES), p=SIZE_P)])
+    if depth <= 0:
+        return {}
+    if depth == 1:
+        return {"chain": chain} if vrng.random() < 0.5 else {"size": size}
+    return {"chain": chain, "size": size}
+
+
+def _plant_signals(
+    cfg: FleetConfig, rng: np.random.Generator, vrng: np.random.Generator | None = None
+) -> tuple[list[SignalTruth], dict[str, tuple[str, ...]]]:
     states = ("decaying", "stable", "improving", "decaying")
     scopes_pool = [
         {"chain": "solana"},
@@ -306,7 +339,11 @@ def _plant_signals(cfg: FleetConfig, rng: np.random.Generator) -> tuple[list[Sig
     signals, families = [], {}
     for f in range(cfg.n_families):
         fam = f"F{f}"
-        patterns = _family_patterns(f, cfg.members_per_family)
+        members = cfg.members_per_family
+        if cfg.members_per_family_range is not None:
+            lo, hi = cfg.members_per_family_range
+            members = int(_vrng(vrng).integers(lo, hi + 1))
+        patterns = _family_patterns(f, members)
         families[fam] = patterns
         state = states[f % len(states)]
         e0 = float(rng.uniform(*cfg.e0_range))
@@ -320,6 +357,9 @@ def _plant_signals(cfg: FleetConfig, rng: np.random.Generator) -> tuple[list[Sig
         else:
             rate = 0.0
         scope = dict(scopes_pool[(f + int(rng.integers(0, 2))) % len(scopes_pool)])
+        if cfg.scope_depths is not None:
+            v = _vrng(vrng)
+            scope = _random_scope(int(v.choice(np.asarray(cfg.scope_depths))), v)
         signals.append(SignalTruth(fam, patterns, scope, e0, rate, state))
     return signals, families
 
@@ -336,7 +376,11 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     size_idx = rng.choice(len(SIZES), size=n, p=SIZE_P)
     size_idx = np.where(rng.random(n) < cfg.size_missing_p, -1, size_idx)
 
-    signals, families = _plant_signals(cfg, rng)
+    # variation draws only (see FleetConfig): a separate stream keeps the default fleet unchanged
+    vrng = np.random.default_rng([int(cfg.seed), int(index), 0x5EED])
+    if cfg.noise_kind not in NOISE_KINDS:
+        raise ValueError(f"noise_kind must be one of {NOISE_KINDS} (got {cfg.noise_kind!r})")
+    signals, families = _plant_signals(cfg, rng, vrng)
     noise_patterns = tuple(f"N{j}.noise" for j in range(cfg.n_noise_patterns))
 
     # which patterns fired: members of an active family fire together
@@ -346,7 +390,8 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     for fam, patterns in families.items():
         p_fire = rng.uniform(*cfg.family_fire_p)
         on = rng.random(n) < p_fire
-        members = (rng.random((len(patterns), n)) < cfg.member_fire_p) & on
+        member_p = cfg.member_fire_p if cfg.member_fire_p_range is None else float(vrng.uniform(*cfg.member_fire_p_range))
+        members = (rng.random((len(patterns), n)) < member_p) & on
         family_active[fam] = members.any(axis=0)
         pattern_names.extend(patterns)
         fired_cols.extend(members)
@@ -370,6 +415,9 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
         if "size" in sig.scope:
             match &= size_names == sig.scope["size"]
         edge = sig.edge_at(t_hours)
+        if cfg.edge_day_cv > 0:  # the edge wobbles from day to day around its curve (mean unchanged)
+            day = (t_hours // HOURS_PER_DAY).astype(np.int64)
+            edge = edge * (1.0 + cfg.edge_day_cv * _ar1(vrng, int(day.max()) + 1, cfg.edge_day_ar)[day])
         if cfg.break_at_days is not None and k < cfg.break_families:  # the planted break: the edge flips sign
             edge = np.where(t_hours > cfg.break_at_days * HOURS_PER_DAY, -edge, edge)
         signal_part += np.where(match, edge, 0.0)
@@ -392,7 +440,10 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     strategy_part = effects[strategy_idx, regime_idx]
 
     expected = signal_part + metric_part + strategy_part
-    return_r = expected + rng.normal(0, cfg.noise_sd, n)
+    if cfg.noise_kind == "gaussian":
+        return_r = expected + rng.normal(0, cfg.noise_sd, n)
+    else:
+        return_r = expected + cfg.noise_sd * _noise_shape(cfg, vrng, t_hours, chain_idx, total_hours)
 
     trade_ids = np.char.add(f"{domain}-", np.arange(n).astype(str))
     trades = pd.DataFrame(
@@ -452,6 +503,46 @@ def _generate_domain(cfg: FleetConfig, domain: str, index: int, rng: np.random.G
     )
     backtests = _backtests(domain, cfg, t0, signal_part, metric_part, strategy_idx, regime_idx, rng)
     return DomainData(domain, trades, telemetry, backtests, truth)
+
+
+def _ar1(vrng: np.random.Generator, n: int, phi: float) -> np.ndarray:
+    """A stationary unit-variance AR(1) series of length n (phi = 0: independent normals)."""
+    z = vrng.standard_normal(n)
+    if phi == 0.0:
+        return z
+    out = np.empty(n)
+    out[0] = z[0]
+    scale = math.sqrt(1.0 - phi * phi)
+    for i in range(1, n):  # a few dozen days
+        out[i] = phi * out[i - 1] + scale * z[i]
+    return out
+
+
+def _noise_shape(
+    cfg: FleetConfig, vrng: np.random.Generator, t_hours: np.ndarray, chain_idx: np.ndarray, total_hours: float
+) -> np.ndarray:
+    """Unit-scale trade noise of a non-Gaussian / heteroscedastic kind (see ``FleetConfig.noise_kind``).
+
+    ``student_t``: t(df) scaled to variance 1 (heavy tails). ``heteroscedastic``: Gaussian
+    with sd multiplied per day (log-uniform in ``noise_day_sd_range``), per chain
+    (log-uniform in ``noise_scope_sd``) and by a trend ``exp(noise_sd_trend·(t/T − ½))``.
+    ``student_t_heteroscedastic``: both.
+    """
+    n = t_hours.size
+    if cfg.noise_kind.startswith("student_t"):
+        df = float(cfg.noise_t_df)
+        base = vrng.standard_t(df, n) * (math.sqrt((df - 2.0) / df) if df > 2 else 1.0)
+    else:
+        base = vrng.standard_normal(n)
+    if not cfg.noise_kind.endswith("heteroscedastic"):
+        return base
+    day = (t_hours // HOURS_PER_DAY).astype(np.int64)
+    lo, hi = cfg.noise_day_sd_range
+    day_sd = np.exp(vrng.uniform(math.log(lo), math.log(hi), int(day.max()) + 1))
+    slo, shi = cfg.noise_scope_sd
+    chain_sd = np.exp(vrng.uniform(math.log(slo), math.log(shi), len(CHAINS)))
+    trend = np.exp(cfg.noise_sd_trend * (t_hours / total_hours - 0.5))
+    return base * day_sd[day] * chain_sd[chain_idx] * trend
 
 
 def _join_patterns(fired: np.ndarray, names: list[str]) -> np.ndarray:

@@ -22,17 +22,24 @@ Method (why it is done this way):
 * **Refine** the grid minimum with a parabolic step plus a few safeguarded,
   vectorized Newton steps using analytic derivatives of the profile SSE.
 * **CI by profile likelihood**: lambda values with
-  ``SSE(lambda) - SSE_min <= q * sigma^2`` (q = chi2_1 or F(1, dof) quantile),
+  ``SSE(lambda) - SSE_min <= q * sigma2_ci`` (q = F(1, dof) quantile),
   bracketed on the grid and solved with vectorized Illinois (regula falsi)
   steps.  Profile intervals are asymmetric where they should be (slow decays,
   near-unidentified fast decays) unlike Wald intervals from a covariance.
-* **sigma^2** (per-trade noise variance) = max(pooled within-bucket variance
-  ``sum (n-1) se^2 n / sum (n-1)``, residual variance ``SSE_min/(buckets-2)``):
-  the first is a precise floor, the second catches overdispersion; F
-  quantiles are used whenever the (few-dof) residual estimate decides.
-* **State**: ``insufficient_data`` if too few buckets or the fitted curve is not
+* **sigma2_ci** (``ci_method="robust"``, the default): the per-trade noise
+  variance as lambda-hat sees it -- the HC3 sandwich variance of lambda-hat in
+  units of the model variance, i.e. a leverage-weighted mean of the buckets'
+  squared residuals (see :func:`_robust_lambda_noise`), with Satterthwaite dof.
+  Honest under heteroscedastic buckets (noisy early days, bursty days, heavy
+  tails), overdispersed days and co-firing; a fit carried by one or two
+  buckets gets few dof and a wide interval.  ``ci_method="model"`` keeps the
+  model-based sigma^2 = max(pooled within-bucket variance, residual variance),
+  which undercovers when the noise is largest where lambda is decided.
+* **State**: ``insufficient_data`` if too few buckets, the fitted curve is not
   distinguishable from a zero edge (likelihood-ratio gate, see
-  :func:`fit_half_lives`); otherwise the sign of lambda's CI decides
+  :func:`fit_half_lives`), or it is a growth curve resting on too few buckets
+  (curve support, :func:`curve_support_buckets`: "explosive growth from e0 ~ 0"
+  fitted to a late sign flip); otherwise the sign of lambda's CI decides
   decaying / improving / stable.
 
 The only Python loops are over grid chunks, lesson chunks (memory bound) and a
@@ -49,6 +56,7 @@ import pandas as pd
 from scipy import sparse, stats
 
 __all__ = [
+    "CI_METHODS",
     "OUTPUT_COLUMNS",
     "STATES",
     "fit_half_lives",
@@ -62,6 +70,9 @@ _NS_PER_HOUR = 3.6e12
 _XCLIP = 340.0
 
 STATES = ("decaying", "improving", "stable", "insufficient_data")
+# "robust": profile interval with the HC3 sandwich noise and Satterthwaite dof (default);
+# "model": the model-based profile interval (sigma^2 = max(within-bucket, residual)).
+CI_METHODS = ("robust", "model")
 OUTPUT_COLUMNS = [
     "lesson_key",
     "e0",
@@ -232,6 +243,7 @@ def _fit_chunk(
     root_iters: int,
     t_u: np.ndarray,
     ui: np.ndarray,
+    ci_method: str = "robust",
 ) -> dict[str, np.ndarray]:
     wy = w * y
     Syy = np.bincount(li, wy * y, n_les)
@@ -301,7 +313,15 @@ def _fit_chunk(
         stats.f.ppf(ci_level, 1, udof)[dof_inv],
         stats.chi2.ppf(ci_level, 1),
     )
-    thr = S_min + q * sigma2
+    if ci_method == "robust":
+        sigma2_ci, dof_ci = _robust_lambda_noise(li, t, w, y, n_les, lam_hat, S_min, Syy, design)
+        # F(1, nu) = t_nu^2; quantiles per distinct (rounded) effective dof only.
+        nu = np.round(np.clip(np.nan_to_num(dof_ci, nan=1.0), 1.0, 1e4), 1)
+        unu, nu_inv = np.unique(nu, return_inverse=True)
+        q = stats.f.ppf(ci_level, 1, unu)[nu_inv]
+        thr = S_min + q * sigma2_ci
+    else:
+        thr = S_min + q * sigma2
     thr = np.where(np.isfinite(thr), thr, np.inf)
 
     # ---- 3. profile-likelihood CI: first threshold crossing walking outward
@@ -350,6 +370,7 @@ def _fit_chunk(
         spread = m2 - m1 * m1  # weighted variance of t under weights n f^2
     return {
         "lam": lam_hat,
+        "support": curve_support_buckets(li, t, w, lam_hat, n_les),
         "ci_lo": ci_lo,
         "ci_hi": ci_hi,
         "S_min": S_min,
@@ -363,6 +384,81 @@ def _fit_chunk(
         "m2": m2,
         "spread": spread,
     }
+
+
+def _normalised_wf2(li: np.ndarray, x: np.ndarray, w: np.ndarray, n_les: int) -> np.ndarray:
+    """Per row ``w f^2`` with ``f = exp(x)`` divided by its lesson's largest ``f`` (no overflow)."""
+    x_max = np.full(n_les, -np.inf)
+    np.maximum.at(x_max, li, x)
+    return w * np.exp(2.0 * (x - x_max[li]))
+
+
+def curve_support_buckets(li: np.ndarray, t: np.ndarray, w: np.ndarray, lam: np.ndarray, n_les: int) -> np.ndarray:
+    """Effective number of buckets carrying the fitted curve (Kish): ``(sum w f^2)^2 / sum (w f^2)^2``.
+
+    ``w f^2`` is a bucket's share of the information about the curve's level. A curve
+    resting on fewer than ``min_buckets`` effective buckets is an extrapolation of one
+    or two buckets, e.g. "explosive growth from e0 ~ 0" fitted to a run of late buckets.
+    """
+    x = np.clip(-lam[li] * t, -_XCLIP, _XCLIP)
+    wf2 = _normalised_wf2(li, x, w, n_les)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.bincount(li, wf2, n_les) ** 2 / np.bincount(li, wf2 * wf2, n_les)
+
+
+def _robust_lambda_noise(
+    li: np.ndarray,
+    t: np.ndarray,
+    w: np.ndarray,
+    y: np.ndarray,
+    n_les: int,
+    lam_hat: np.ndarray,
+    S_min: np.ndarray,
+    Syy: np.ndarray,
+    design: "_Design",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-trade noise variance *as lambda-hat sees it* (HC3 sandwich), and its effective dof.
+
+    At lambda-hat the Gauss-Newton design of bucket k is ``f_k (1, -e0 t_k)``
+    (``f = exp(-lambda t)``, weight ``w = n``). Its sandwich variance of lambda-hat
+    divided by the model variance's unit ``[(J'WJ)^-1]_ll`` is a weighted mean of the
+    buckets' per-trade squared residuals::
+
+        sigma2_rob = sum_k omega_k * w_k r_k^2 / (1 - h_k)^2
+        omega_k    = w_k f_k^2 (t_k - m1)^2 / sum_j w_j f_j^2 (t_j - m1)^2       (sum to 1)
+        h_k        = w_k f_k^2 (1/B + (t_k - m1)^2 / (B * spread))               (leverage)
+
+    with ``m1``, ``spread`` the mean and variance of t under weights ``w f^2``. So each
+    bucket's noise counts as much as it moves lambda-hat: heteroscedastic buckets,
+    overdispersed days and co-firing that inflates some days are all in ``r_k``, not
+    assumed away. HC3's ``1/(1-h)^2`` is the leave-one-bucket-out prediction error: a
+    fit carried by one or two buckets (e.g. "explosive growth from e0 ~ 0" explaining a
+    late sign flip) has h -> 1 there and gets a wide interval. Effective dof
+    (Satterthwaite): ``1 / sum omega_k^2`` -- the interval uses F(1, dof) quantiles, so a
+    fit resting on few buckets is wide, one resting on many buckets is not.
+    Independent of e0 (no division by it), scale-free in f.
+    """
+    lam_r = lam_hat[li]
+    x = np.clip(-lam_r * t, -_XCLIP, _XCLIP)
+    # Normalise f per lesson (divide by its largest value): omega and h are ratios, so
+    # they are unchanged, and w f^2 t^2 cannot overflow for strongly improving fits.
+    wf2 = _normalised_wf2(li, x, w, n_les)
+    Bn = np.bincount(li, wf2, n_les)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        m1 = np.bincount(li, wf2 * t, n_les) / Bn
+        dt2 = (t - m1[li]) ** 2
+        u = wf2 * dt2
+        Bs = np.bincount(li, u, n_les)  # = Bn * spread
+        omega = u / Bs[li]
+        h = wf2 * (1.0 / Bn[li] + dt2 / Bs[li])
+        A, B = design.sums(lam_hat)
+        e0 = A / B
+        resid = y - e0[li] * np.exp(x)
+        inflate = 1.0 / np.maximum(1.0 - h, 1e-4) ** 2
+        sigma2_rob = np.bincount(li, omega * w * resid * resid * inflate, n_les)
+        dof = 1.0 / np.bincount(li, omega * omega, n_les)
+    bad = ~np.isfinite(sigma2_rob) | ~np.isfinite(dof)
+    return np.where(bad, np.nan, sigma2_rob), np.where(bad, 1.0, dof)
 
 
 def _illinois(
@@ -414,6 +510,8 @@ def fit_half_lives(
     max_cells: int = 500_000,
     newton_iters: int = 5,
     root_iters: int = 6,
+    ci_method: str = "robust",
+    growth_support_share: float = 0.25,
 ) -> pd.DataFrame:
     """Fit ``edge(t) = e0*exp(-lambda*t)`` for every lesson in ``edge_history``.
 
@@ -444,6 +542,16 @@ def fit_half_lives(
         never an extrapolation far outside the data.  A global timestamp maps
         e0 (and its s.e., by the delta method) to that instant; lambda and its
         CI do not depend on t_ref.
+    ci_method
+        ``"robust"`` (default): profile interval on the HC3 sandwich noise variance
+        with Satterthwaite dof; ``"model"``: on the model-based noise variance
+        ``max(within-bucket, residual)`` (for comparison; undercovers under
+        heteroscedastic buckets).
+    growth_support_share
+        A growth fit (lambda < 0) whose curve rests on fewer than
+        ``max(min_buckets, growth_support_share * buckets)`` effective buckets is a
+        change point, not a trend: both CI ends become infinite and the state
+        ``insufficient_data``.
     bucket_hours
         Bucket width.  A bucket's mean edge is placed at its midpoint
         ``bucket_start + bucket_hours/2`` (the bucket average of an exponential
@@ -463,6 +571,8 @@ def fit_half_lives(
         raise ValueError(f"edge_history is missing columns {missing}")
     if not 0.0 < ci_level < 1.0:
         raise ValueError("ci_level must be in (0, 1)")
+    if ci_method not in CI_METHODS:
+        raise ValueError(f"ci_method must be one of {CI_METHODS} (got {ci_method!r})")
 
     codes, uniques = pd.factorize(edge_history["lesson_key"], sort=True)
     n_les = len(uniques)
@@ -507,7 +617,7 @@ def fit_half_lives(
     # Distinct times (rounded to ~4 ms so float noise cannot split a lattice point).
     t_u, ui = np.unique(np.round(t, 6), return_inverse=True)
 
-    fields = ("lam", "ci_lo", "ci_hi", "S_min", "Syy", "sigma2", "use_res", "dof",
+    fields = ("lam", "support", "ci_lo", "ci_hi", "S_min", "Syy", "sigma2", "use_res", "dof",
               "e0", "B", "m1", "m2", "spread")
     res = {k: np.full(n_les, np.nan) for k in fields}
     chunk = max(1, max_cells // lam.size)
@@ -532,6 +642,7 @@ def fit_half_lives(
             root_iters=root_iters,
             t_u=t_u,
             ui=ui[r0:r1],
+            ci_method=ci_method,
         )
         for k in fields:
             res[k][c0:c1] = out[k]
@@ -579,6 +690,19 @@ def fit_half_lives(
     p_gate = 2.0 * stats.norm.sf(e0_z_min)
     usable = fitted & (n_buckets >= max(int(min_buckets), 3)) & (pval <= p_gate)
 
+    # A growth fit must rest on enough of its buckets: growth extrapolates forward
+    # without bound (an override shaped by it grows after `now`), so "explosive growth
+    # from e0 ~ 0" explaining a late run of buckets (a sign flip, a late burst) is a
+    # change point, not a trend -- its interval is unbounded on both sides and its
+    # state insufficient_data. Required: curve support (effective buckets, see
+    # curve_support_buckets) >= max(min_buckets, growth_support_share * buckets).
+    # Decaying fits extrapolate toward zero and are not held to this (a fast decay
+    # legitimately rests on its first buckets).
+    need = np.maximum(max(int(min_buckets), 3), growth_support_share * n_buckets)
+    unsupported_growth = fitted & (lam_hat < 0) & (res["support"] < need)
+    ci_lo = np.where(unsupported_growth, -np.inf, ci_lo)
+    ci_hi = np.where(unsupported_growth, np.inf, ci_hi)
+    usable &= ~unsupported_growth
     decaying = usable & (ci_lo > 0)
     improving = usable & (ci_hi < 0)
     state = np.full(n_les, "insufficient_data", dtype=object)
