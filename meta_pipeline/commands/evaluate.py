@@ -110,6 +110,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.section == "knob-tuning":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _knob_tuning(args, progress)
+    if args.section == "intervals":  # half-life intervals on varied synthetic fleets (commands/evaluate_intervals.py)
+        from meta_pipeline.commands.evaluate_intervals import evaluate_intervals
+
+        return evaluate_intervals(args, None if args.quiet else
+                                  (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)))
     if args.section == "prompts":  # prompt evolution on the sample tasks, simulated model (commands/prompts.py)
         from meta_pipeline.commands.prompts import evaluate_prompts
 
@@ -165,9 +170,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning", "prompts"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning", "prompts", "intervals"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
+    # --section intervals: half-life interval coverage / state accuracy, --seeds domains per generator
+    # variant (7 variants; --seeds 4 gives > 300 planted decaying lessons, ~3-6 min); see lab/interval_eval.py
     # --section knobs: each knob from bound to bound on its fleet, ~30 s per seed (use --seeds 5); see lab/knob_fleets.py
     # --section knob-tuning: 3 situations x --seeds fleets, ~1 min each (use --seeds 2); see lab/knob_tuning_eval.py
     p.set_defaults(func=cmd_evaluate)
