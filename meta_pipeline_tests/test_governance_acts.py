@@ -258,3 +258,17 @@ def test_the_inbox_ingests_backtests_and_configs_folders(tmp_path: Path, store: 
     assert (inbox / "d1" / "backtests" / "processed" / "backtests.csv").exists()
     assert (inbox / "d1" / "configs" / "processed" / "configs.csv").exists()
     assert set(store.read("quarantine")["kind"]) == {"backtests", "configs"}
+
+
+def test_proposals_show_names_the_proposal_that_superseded_it(store: MetaStore, capsys) -> None:
+    import argparse
+
+    from meta_pipeline.commands import proposals as proposals_cmd
+    from meta_pipeline_tests.support.proposals import proposal_frame
+
+    old = lifecycle.insert_proposals(store, proposal_frame()).inserted[0]
+    newer = lifecycle.insert_proposals(store, proposal_frame(part="peers:S1")).inserted[0]
+    args = argparse.Namespace(proposal_id=old, json=False, db_url=store.db_url, debug=False)
+    assert proposals_cmd.cmd_show(args) == 0
+    out = capsys.readouterr().out
+    assert "SUPERSEDED" in out and f"superseded  by {newer}" in out

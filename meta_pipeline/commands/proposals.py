@@ -3,7 +3,8 @@
 The same lifecycle functions as the `review_proposal` job in the UI; an illegal
 transition (or a proposal that does not exist) prints why and exits 1; a bad argument
 (`--by` empty, over 200 characters or with a control character; an unknown `--status`)
-exits 2. Errors go through the CLI's one error path (commands/errors.py).
+exits 2. Errors go through the CLI's one error path (commands/errors.py). A SUPERSEDED
+proposal (a newer one for the same target replaced it) says which one in ``show``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def cmd_show(args: argparse.Namespace) -> int:
           + (f", reviewed by {p['reviewed_by']}" if isinstance(p.get("reviewed_by"), str) else ""))
     if isinstance(p.get("applied_by"), str):
         print(f"  applied     {_when(p['applied_at'])} by {p['applied_by']} as config version {int(p['applied_config_version'])}")
+    if p["status"] == "SUPERSEDED":
+        log = lifecycle.change_log(_store(args), p["proposal_id"])
+        newer = [json.loads(a).get("superseded_by") for a in log.loc[log["action"] == "supersede", "after_json"] if a]
+        if newer:
+            print(f"  superseded  by {newer[-1]} (newer evidence for the same target)")
     print(f"  confidence  {p['confidence']:.2f}")
     print(f"  created     {_when(p['created_at'])}")
     print()
