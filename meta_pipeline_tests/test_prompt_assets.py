@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from meta_pipeline.commands.orchestration import load_defs, with_store
+from meta_pipeline.defs.prompts.resources import LLMParam, llm_resource
 from meta_pipeline.governance import lifecycle
 from meta_pipeline.governance.rationale import unsupported_numbers
 from meta_pipeline.lab.prompt_sim import SAMPLE_TASKS, register_sim, sample_tasks_dir
@@ -108,3 +109,27 @@ def test_the_retrain_sensor_targets_prompt_evolution():
 
     targets, note = retrain_targets(load_defs().get_repository_def())
     assert {k.to_user_string() for k in targets} == {"prompt_evolution", "prompt_comparison"} and note == ""
+
+
+def test_the_api_key_comes_through_envvar_and_is_never_shown(monkeypatch):
+    monkeypatch.setenv("META_PIPELINE_LLM_PROVIDER", "openai-compatible")
+    monkeypatch.setenv("META_PIPELINE_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.delenv("META_PIPELINE_LLM_API_KEY", raising=False)
+    assert llm_resource().api_key is None  # unset: no EnvVar (Dagster would refuse an unset one)
+    monkeypatch.setenv("META_PIPELINE_LLM_API_KEY", "sk-from-env-123")
+    resource = llm_resource()
+    assert isinstance(resource.api_key, dg.EnvVar) and resource.api_key == "META_PIPELINE_LLM_API_KEY"
+    seen = {}
+
+    @dg.asset
+    def uses_llm(llm: LLMParam) -> dg.MaterializeResult:
+        seen["settings"] = llm
+        return dg.MaterializeResult(metadata={"llm": llm.describe(), "settings": repr(llm)})
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = dg.materialize([uses_llm], resources={"llm": resource}, instance=instance)
+        assert result.success
+        assert seen["settings"].api_key == "sk-from-env-123" and seen["settings"].provider == "openai-compatible"
+        logs = "".join(str(e) for e in instance.all_logs(result.run_id))
+        assert "sk-from-env-123" not in logs
+        assert "openai-compatible" in str(result.asset_materializations_for_node("uses_llm")[0].metadata)

@@ -216,6 +216,5 @@ def prompt_comparison(context: dg.AssetExecutionContext, config: PromptCompariso
 prompts_job = dg.define_asset_job(
     "prompts_job",
     selection=dg.AssetSelection.groups(GROUP),
-    partitions_def=task_partitions,
     description="One task's prompt evolution and its comparison with the static prompt.",
 )
