@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from meta_pipeline.defs.governance.controller import controller_knobs_within_bounds, controller_state
 from meta_pipeline.meta.controller_policy import domain_seed as _domain_seed
+from meta_pipeline.meta.fallback import advance_with_fallback
 from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
@@ -94,7 +95,10 @@ def test_restart_continues_exactly(tmp_store, instance):
     stored = tmp_store.read("meta_decisions", domain=DOMAIN, order_by="decision_no")
     telemetry = tmp_store.read("telemetry", domain=DOMAIN, order_by="ts")
     config = ControllerConfig()
-    uninterrupted, decisions = advance(cold_start(None, config, seed=_domain_seed(DOMAIN, 0)), telemetry, config)
+    # the asset decides through the sustained-drop monitor (meta.fallback), which never tripped here
+    uninterrupted, decisions, fallbacks = advance_with_fallback(cold_start(None, config, seed=_domain_seed(DOMAIN, 0)),
+                                                                telemetry, config)
+    assert fallbacks == [] and uninterrupted.fallback["count"] == 0
     assert len(decisions) == len(stored) == 27
     assert stored["note"].tolist() == [f"{d['note']}; {NO_FEEDBACK_NOTE}" for d in decisions]
     assert stored["knobs_json"].tolist() == [json.dumps(d["knobs"], sort_keys=True) for d in decisions]

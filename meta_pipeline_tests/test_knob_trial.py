@@ -47,7 +47,7 @@ def _tick(ts: pd.Timestamp, knobs: dict[str, float]) -> pd.DataFrame:
 
 
 def _controller(store: MetaStore, instance: dg.DagsterInstance, **config) -> dg.ExecuteInProcessResult:
-    run_config = {"ops": {"controller_state": {"config": {"min_paired_trades": 150, **config}}}, **QUIET}
+    run_config = {"ops": {"controller_state": {"config": {"min_paired_trades": 150, "max_paired_trades": 300, **config}}}, **QUIET}
     return dg.materialize([controller_state, controller_knobs_within_bounds], partition_key=DOMAIN,
                           instance=instance, resources={"store": store}, run_config=run_config)
 
@@ -214,3 +214,18 @@ def test_the_sensor_and_the_verdict_rows_behave_alike_on_both_backends(any_store
     stored = any_store.read("meta_decisions", domain="d3")
     assert json.loads(stored["judged_on_json"].iloc[0]) == on
     assert any_store.read("meta_decisions", domain="d1")["judged_on_json"].isna().all()
+
+
+def test_the_sequential_paired_rule():
+    from meta_pipeline.meta.knob_trial import PairedTrial, paired_verdict
+
+    def t(n: int, gain: float, se: float) -> PairedTrial:
+        return PairedTrial(n, 1.0, 1.0 - gain, 1.0, gain, se)
+
+    assert paired_verdict(t(300, 0.001, 0.001), max_trades=1500) is None  # z = 1: keep scoring
+    assert paired_verdict(t(1500, 0.001, 0.001), max_trades=1500) == "accept"  # at the end, z ≥ 1 accepts
+    assert paired_verdict(t(1500, 0.0005, 0.001), max_trades=1500) == "revert"
+    assert paired_verdict(t(300, 0.002, 0.001), max_trades=1500) == "accept"  # early, z ≥ 1.5
+    assert paired_verdict(t(300, -0.0017, 0.001), max_trades=1500) == "revert"  # early, z ≤ −1.5
+    assert paired_verdict(t(300, -0.0025, 0.001), max_trades=1500) == "rollback"  # z ≤ −2 at any look
+    assert paired_verdict(t(300, 0.0, 0.0), max_trades=1500) == "revert"  # no trade priced differently: final

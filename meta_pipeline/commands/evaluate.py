@@ -58,6 +58,26 @@ def _governance(args: argparse.Namespace, progress) -> int:
     return 0
 
 
+def _seed_targets(args: argparse.Namespace, progress) -> int:
+    """The meta-learning seed's targets on a 1,000-task stream (lab.seed_targets)."""
+    from pathlib import Path
+
+    from meta_pipeline.lab.seed_targets import seed_targets_report
+
+    if args.tasks < 2:
+        raise UserError(None, f"--tasks must be at least 2 (got {args.tasks})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, report = seed_targets_report(range(args.seed0, args.seed0 + args.seeds), n_tasks=args.tasks,
+                                          dagster=not args.no_dagster, progress=progress)
+    (out / "seed-targets.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    (out / "seed-targets.md").write_text(report + "\n")
+    print(json.dumps(results, indent=1, sort_keys=True, default=str) if args.json else report)
+    if not args.json:
+        print(f"\nfull results {out}/seed-targets.json, {out}/seed-targets.md")
+    return 0
+
+
 def _knob_tuning(args: argparse.Namespace, progress) -> int:
     """The controller tuning the learning knobs by paired knob trials vs defaults, oracle sweep, TPE (lab.knob_tuning_eval)."""
     from pathlib import Path
@@ -110,6 +130,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.section == "knob-tuning":
         progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
         return _knob_tuning(args, progress)
+    if args.section == "seed-targets":
+        progress = (lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+        return _seed_targets(args, progress)
     if args.section == "intervals":  # half-life intervals on varied synthetic fleets (commands/evaluate_intervals.py)
         from meta_pipeline.commands.evaluate_intervals import evaluate_intervals
 
@@ -157,7 +180,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "prints one table (mean [95% CI] over seeds, target, met) and saves evaluate.png / evaluate.json in "
             "--out. --section drift: the drift monitor's false-alarm rate and delays by simulation, River side by "
             "side. --section closed-loop: drift plus fleets with a planted break (detection delay, false alarms, "
-            "re-learned vs stale vs plain re-fit vs oracle overrides); --seeds fleets."
+            "re-learned vs stale vs plain re-fit vs oracle overrides); --seeds fleets. --section seed-targets: the "
+            "meta-learning seed's six targets (convergence, few-shot, transfer, retention over --tasks sequential "
+            "tasks, adaptation time through Dagster, learning efficiency), each with its definition and met or not."
         ),
     )
     p.add_argument("--seeds", type=int, default=10, help="number of seeds (fleets) per section (default 10)")
@@ -170,8 +195,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reptile-iterations", type=int, default=None,
                    help="meta-iterations of the sinusoid check (default: sinusoid_check's own)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning", "prompts", "intervals"], default="learn-to-learn",
+    p.add_argument("--section", choices=["learn-to-learn", "drift", "closed-loop", "governance", "knobs", "knob-tuning", "seed-targets", "prompts", "intervals"], default="learn-to-learn",
                    help="which benchmark (default learn-to-learn)")
+    p.add_argument("--tasks", type=int, default=1000,
+                   help="seed-targets: sequential domain tasks per seed (default 1000; use --seeds 3)")
     p.add_argument("--quick", action="store_true", help="drift/closed-loop: a quick drift bench (wider CIs)")
     # --section intervals: half-life interval coverage / state accuracy, --seeds domains per generator
     # variant (7 variants; --seeds 4 gives > 300 planted decaying lessons, ~3-6 min); see lab/interval_eval.py

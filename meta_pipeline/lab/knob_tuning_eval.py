@@ -11,8 +11,10 @@ parameters below. Per fleet (one domain, one seed):
 * **controller.** The controller's own proposer (``meta.controller``: probes, surrogate
   model, trust regions, cooldowns) proposes one learning-knob trial per cycle; the trial
   is judged paired (``meta.knob_trial.counterfactual_trial``: overrides fitted as of t_c
-  with the incumbent and the trial knobs, scored on the same trades closed in
-  (t_c, t_{c+1}]) and closed by ``judge_paired_trial`` (accept / revert / rollback).
+  with the incumbent and the trial knobs, scored on the same trades closed after t_c) at
+  the end of each cycle by the asset's sequential rule (``paired_verdict``: a clear result
+  decides at once, else the trial runs on for more cycles, up to PAIRED_MAX_TRADES trades)
+  and closed by ``judge_paired_trial`` (accept / revert / rollback).
   Its knobs after N cycles are the controller's answer.
 * **Optuna TPE** (the peer): one trial per cycle on the same cycles, objective = the
   paired alignment gain of its knobs over the defaults on that cycle's trades; its
@@ -50,6 +52,7 @@ from meta_pipeline.meta.knob_trial import (
     end_cycle,
     fit_override_model,
     judge_paired_trial,
+    paired_verdict,
     paired_score,
     predict_edges,
     propose_next,
@@ -174,24 +177,35 @@ def heldout_mse(fits: _Fits, knobs: dict[str, float], train_end: pd.Timestamp, h
 
 
 def run_controller(fits: _Fits, grid: list[pd.Timestamp], config: ControllerConfig, seed: int) -> dict[str, Any]:
-    """N cycles of the controller with paired verdicts (module doc)."""
+    """N cycles of the controller with paired verdicts (module doc).
+
+    A trial started at cycle c is built as of t_c (both arms) and scored on every trade closed
+    after t_c so far; at the end of each cycle ``paired_verdict`` decides or lets it run on
+    (the canary window, at most PAIRED_MAX_TRADES trades), as the controller asset does."""
     state = cold_start(None, config, seed=seed)
     state.baseline_mean, state.baseline_weight = 0.0, 1.0
     log = []
+    started: int | None = None  # cycle at which the pending trial's arms were built
     for c in range(len(grid) - 1):
-        state, proposal = propose_next(state, config, only=LEARNING_KNOBS)
-        if proposal is not None:
+        if state.pending is None:
+            state, proposal = propose_next(state, config, only=LEARNING_KNOBS)
+            started = c if proposal is not None else None
+        if started is not None and state.pending is not None:
             old, new = dict(state.snapshot["knobs"]), dict(state.knobs)
-            trial = counterfactual_trial(fits.frames, grid[c], old, None, grid[c + 1],
-                                         old_model=fits.get(old, grid[c]), new_model=fits.get(new, grid[c]))
-            state, out = judge_paired_trial(state, trial, config)
-            log.append({"cycle": c + 1, "knob": next(iter(proposal)), "value": next(iter(proposal.values())),
-                        "verdict": out["verdict"], "gain": trial.gain, "se": trial.se, "n": trial.n})
+            a = grid[started]
+            trial = counterfactual_trial(fits.frames, a, old, None, grid[c + 1],
+                                         old_model=fits.get(old, a), new_model=fits.get(new, a))
+            moved = [n for n in LEARNING_KNOBS if old[n] != new[n]]
+            if paired_verdict(trial, max_trades=config.paired_max_trades) is not None or c == len(grid) - 2:
+                state, out = judge_paired_trial(state, trial, config)
+                log.append({"cycle": c + 1, "started": started + 1, "knobs": {n: new[n] for n in moved},
+                            "verdict": out["verdict"], "gain": trial.gain, "se": trial.se, "n": trial.n})
+                started = None
         else:
-            log.append({"cycle": c + 1, "knob": None, "verdict": "hold"})
+            log.append({"cycle": c + 1, "verdict": "hold"})
         state = end_cycle(state)
     return {"knobs": dict(state.knobs), "log": log, "rollbacks": state.rollbacks, "reverts": state.reverts,
-            "accepts": state.accepts}
+            "accepts": state.accepts, "trials": sum(1 for r in log if r["verdict"] != "hold")}
 
 
 def run_tpe(fits: _Fits, grid: list[pd.Timestamp], seed: int) -> dict[str, Any]:

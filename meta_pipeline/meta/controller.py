@@ -134,6 +134,7 @@ class ControllerConfig:
     # knobs whose trials are judged paired on realized trades (meta.knob_trial), never on telemetry:
     # such a pending trial holds until judge_paired_trial closes it (the controller_state asset: the learning knobs)
     paired_knobs: tuple[str, ...] = ()
+    paired_max_trades: int = 1_500  # a paired trial is decided at the latest on this many realized trades
 
     def __post_init__(self) -> None:
         bounds: dict[str, tuple[float, float]] = {

@@ -33,10 +33,12 @@ import pandas as pd
 
 from meta_pipeline.contracts import TELEMETRY_STORE_COLUMNS
 from meta_pipeline.knobs import KNOB_NAMES, parse_knobs
-from meta_pipeline.meta.controller import ControllerConfig, ControllerState, advance, cold_start, inject_change
+from meta_pipeline.meta.controller import ControllerConfig, ControllerState, cold_start, inject_change
+from meta_pipeline.meta.fallback import advance_with_fallback
 from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
 from meta_pipeline.meta.knob_trial import paired_step, stamp_change
 from meta_pipeline.meta.reward import telemetry_reward, with_realized_term
+from meta_pipeline.meta.warm_start import WarmStartInputs, cold_start_new_domain, never_decided, pull_target
 from meta_pipeline.store import GlobalPriorVersion
 
 # what the controller reads of a telemetry tick: the one telemetry schema's store columns
@@ -60,6 +62,7 @@ class DomainStep:
     adopted_version: int | None = None  # the applied META_KNOBS config version now adopted
     had_row: bool = True
     n_ticks: int = 0  # telemetry ticks consumed
+    fallbacks: list[str] = field(default_factory=list)  # sustained drops that sent it to the safe defaults (meta.fallback)
 
     @property
     def changed(self) -> bool:
@@ -93,7 +96,8 @@ def early_transfer_check(state: ControllerState, telemetry: pd.DataFrame, latest
 
 def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | None,
                 active: tuple[int, Mapping[str, object]] | None, read_telemetry, cfg: ControllerConfig,
-                seed: int = 0, *, feedback_cycles: pd.DataFrame | None = None, paired_judge=None,
+                seed: int = 0, warm_start_inputs: WarmStartInputs | None = None, *,
+                feedback_cycles: pd.DataFrame | None = None, paired_judge=None,
                 now: pd.Timestamp | None = None) -> DomainStep:
     """Rules 1–5 for one domain (module doc). ``read_telemetry(last_ts)`` returns the ticks after
     ``last_ts`` (all of them for None) in the store layout, oldest first: the state decides from
@@ -108,8 +112,10 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
     external = False
     prior = latest.values if latest is not None else None
     run_seed = domain_seed(domain, seed)
+    unseen = None  # a stored state that never saw a tick: its cold start may still become a warm start
     if len(row) and isinstance(row["state_json"].iloc[0], str):
         state = ControllerState.from_json(row["state_json"].iloc[0])
+        unseen = state if never_decided(state) and warm_start_inputs is not None else None
         published = parse_knobs(row["knobs_json"].iloc[0])
         if published != state.knobs:
             state = inject_change(state, published, cfg, note="external")
@@ -119,10 +125,10 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
         state = cold_start(prior, cfg, seed=run_seed)
         state.knobs = parse_knobs(row["knobs_json"].iloc[0])
         notes.append("controller_state row had no state_json: started fresh at its knobs")
-    else:
-        state = cold_start(prior, cfg, seed=run_seed)
-        notes.append(f"cold start from global_prior v{latest.version}" if latest is not None
-                     else "cold start from the default knobs (no global_prior yet)")
+    if not len(row) or (unseen is not None and not external):  # a cold start, at a warm start when it can
+        state, how = cold_start_new_domain(domain, latest, read_telemetry(None), warm_start_inputs, cfg, run_seed,
+                                           keep=unseen)
+        notes += [how] if how else []
     adopted = int(row["config_version"].iloc[0]) if len(row) and pd.notna(row["config_version"].iloc[0]) else 0
     if active is not None and active[0] > adopted:
         approved = parse_knobs(active[1])
@@ -142,13 +148,13 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
         prior = None
         notes.append(dropped_prior)
         external = True
-    new_state, decisions = advance(state, telemetry, cfg, prior)
+    new_state, decisions, fallbacks = advance_with_fallback(state, telemetry, cfg, pull_target(state, prior))
     new_state = stamp_change(new_state, cfg, now if now is not None else pd.Timestamp.now(tz="UTC"))
     for d in decisions if realized is not None else []:
         d["note"] = f"{d['note']}; {realized.note}"
     decisions = paired + decisions
     return DomainStep(state, new_state, decisions, notes, external, adopted or None, had_row=bool(len(row)),
-                      n_ticks=len(telemetry))
+                      n_ticks=len(telemetry), fallbacks=fallbacks)
 
 
 def state_row(domain: str, state: ControllerState, now: pd.Timestamp, config_version: int | None) -> pd.DataFrame:

@@ -18,10 +18,12 @@ cycles (before vs after). It is judged **paired and counterfactual**:
   d_i and only the predictions' disagreement is left.
 
 The verdict (``PairedTrial``): ``gain = mean(d)/mean(y²)`` (the change of alignment
-``1 − MSE/MSE₀``), its standard error ``se = sd(d)/(√n·mean(y²))``, ``z = gain/se``.
-``judge_paired_trial`` turns it into the controller's verdict: accept when
-``z ≥ accept_z``, roll back when ``z ≤ −rollback_z`` (the new knobs are worse beyond
-noise), otherwise revert (not shown better: keep the old knobs, no penalty), and updates
+``1 − MSE/MSE₀``), its standard error ``se = sd(d)/(√n·mean(y²))``, ``z = gain/se``,
+over every realized trade after the post-change version so far. ``paired_verdict`` is a
+sequential rule (the canary window, counted in realized trades): roll back as soon as
+``z ≤ −2`` (the new knobs are worse beyond noise), accept / revert early beyond ±1.5,
+otherwise keep scoring until ``PAIRED_MAX_TRADES``, then accept when ``z ≥ 1``, else
+revert (not shown better: keep the old knobs, no penalty). ``judge_paired_trial`` updates
 the controller's state exactly as a telemetry-judged trial would (cooldowns, trust
 regions, the surrogate's observations, the rollback count).
 """
@@ -54,6 +56,26 @@ LEARNING_KNOBS: tuple[str, ...] = tuple(n for n in ("lambda_ci", "tier3_topk", "
 MIN_PAIRED_TRADES = 200  # realized trades after the new version's as_of before a trial is judged
 PAIRED_ACCEPT_Z = 1.0  # accept when the paired gain is at least this many SEs above 0
 PAIRED_ROLLBACK_Z = 2.0  # roll back when it is at least this many SEs below 0
+PAIRED_EARLY_Z = 1.5  # before PAIRED_MAX_TRADES: accept early beyond this many SEs (revert early below −it)
+PAIRED_MAX_TRADES = 1_500  # a trial is decided at the latest once this many realized trades scored it
+
+
+def paired_verdict(trial: PairedTrial, *, accept_z: float = PAIRED_ACCEPT_Z, rollback_z: float = PAIRED_ROLLBACK_Z,
+                   early_z: float = PAIRED_EARLY_Z, max_trades: int = PAIRED_MAX_TRADES) -> str | None:
+    """The sequential rule over the growing set of realized trades after the post-change version:
+    rollback as soon as z ≤ −rollback_z; accept early when z ≥ early_z, revert early when z ≤ −early_z;
+    no effect at all (se = 0: both arms priced every trade alike) is final at once; at ``max_trades``
+    accept when z ≥ accept_z, else revert; otherwise None (keep scoring: the canary window)."""
+    z = trial.z
+    if z <= -rollback_z:
+        return "rollback"
+    if trial.se == 0.0 or z >= early_z:
+        return "accept" if z >= accept_z else "revert"
+    if z <= -early_z:
+        return "revert"
+    if trial.n >= max_trades:
+        return "accept" if z >= accept_z else "revert"
+    return None
 
 
 def learning_knobs_changed(updates: Mapping[str, object]) -> list[str]:
@@ -228,7 +250,7 @@ def judge_paired_trial(state: controller_core.ControllerState, trial: PairedTria
     s = copy.deepcopy(state)
     pend = s.pending
     z = trial.z
-    verdict = "accept" if z >= accept_z else "rollback" if z <= -rollback_z else "revert"
+    verdict = paired_verdict(trial, accept_z=accept_z, rollback_z=rollback_z, max_trades=0)
     gain_r = paired_reward_gain(trial, w_realized)
     se_r = paired_reward_gain(PairedTrial(0, 0, 0, 0, trial.se, 0), w_realized)
     base = s.baseline_mean if s.baseline_mean is not None else 0.0
@@ -382,13 +404,18 @@ def paired_step(state: controller_core.ControllerState, paired_judge, config: co
 
     ``paired_judge(state)`` returns ``(PairedTrial, "")`` when the trial can be judged (a
     post-change overrides version and enough realized trades after it: ``trial_readiness``),
-    else ``(None, why)``. Returns (state, [the verdict's decision] or [], notes).
+    else ``(None, why)``; ``paired_verdict`` decides whether the evidence so far is enough.
+    Returns (state, [the verdict's decision] or [], notes).
     """
     if paired_judge is None or not awaits_paired_verdict(state):
         return state, [], []
     trial, why = paired_judge(state)
     if trial is None:
         return state, [], [why] if why else []
+    if paired_verdict(trial, max_trades=config.paired_max_trades) is None:
+        return state, [], [f"trial of {', '.join(state.pending['knobs'])} not decided yet: alignment gain "
+                           f"{trial.gain:+.5f} ± {trial.se:.5f} (z {trial.z:+.2f}) on {trial.n} trades after "
+                           f"overrides v{trial.version}; scoring continues up to {config.paired_max_trades} trades"]
     judged, outcome = judge_paired_trial(state, trial, config, w_realized=config.reward_weights.realized)
     state, decision = paired_decision(state, judged, outcome)
     return state, [decision], []
@@ -406,4 +433,5 @@ def stamp_change(state: controller_core.ControllerState, config: controller_core
 __all__ = ["LEARNING_KNOBS", "PairedTrial", "SourceFrames", "awaits_paired_verdict", "counterfactual_trial",
            "fit_override_model", "judge_paired_trial", "paired_decision", "post_change_version",
            "trial_readiness", "learning_knobs_changed", "paired_score", "predict_edges",
-           "propose_next", "end_cycle", "paired_step", "stamp_change"]
+           "propose_next", "end_cycle", "paired_step", "stamp_change",
+           "paired_verdict"]

@@ -188,8 +188,11 @@ def domain_priors(
             continue
         x, r = values[ok, j], reward[ok]
         w = reward_weights(r, temperature)
-        mean = float(w @ x)
-        std = float(np.sqrt(max(w @ (x - mean) ** 2, 0.0)))
+        if np.ptp(x) == 0:  # a constant knob: exactly its value, no spread (no rounding of Σw ≈ 1)
+            mean, std = float(x[0]), 0.0
+        else:
+            mean = float(w @ x)
+            std = float(np.sqrt(max(w @ (x - mean) ** 2, 0.0)))
         top = _top_rows(r, top_fraction, min_top)
         spec = KNOBS[name]
         if np.isfinite(vertex[j]):
@@ -322,36 +325,46 @@ def _shift_per_domain(shift_distances: Any, domains: list[str]) -> np.ndarray:
     return np.array([float(mapping.get(d, np.nan)) for d in domains], dtype=float)
 
 
-def aggregate_global_prior(
-    domain_priors_by_domain: Mapping[str, pd.DataFrame],
-    shift_distances: pd.DataFrame | pd.Series | Mapping[str, float] | None,
-    previous_theta: Mapping[str, float] | None,
+@dataclass
+class Aggregation:
+    """The arrays of one aggregation step (``aggregate_arrays``), domains in the order given."""
+
+    theta_unit: np.ndarray  # the new prior, unit space (K)
+    target: np.ndarray  # the Reptile target: the weighted mean of the domains (K)
+    epsilon: float
+    weights: np.ndarray  # per domain (D), 0 for a dropped outlier
+    scores: np.ndarray
+    shift_weight: np.ndarray
+    sigma: float
+    excluded: np.ndarray  # D × K: the domain's value was left out of that knob's mean
+    dropped: np.ndarray  # D: the domain was dropped altogether
+    z: np.ndarray  # D × K robust z
+
+
+def aggregate_arrays(
+    theta_d: np.ndarray,
+    n_obs: np.ndarray,
+    best_r: np.ndarray,
+    dist: np.ndarray,
+    previous_unit: np.ndarray | None,
     version: int,
     config: GlobalPriorConfig | None = None,
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """Aggregate domain priors into global prior ``version`` (1 = first).
+    epsilon_scale: float = 1.0,
+) -> Aggregation:
+    """``aggregate_global_prior``'s math on arrays (D domains × K knobs, unit space).
 
-    ``previous_theta``: the previous version's knob values (preferably the continuous
-    ``details["theta_continuous"]`` of that version, so int/bool rounding does not stall
-    the Reptile step); ignored for version 1. Returns (knob → bounded value, details).
-    Raises ValueError when no domain has a usable prior.
+    ``dist``: each domain's median shift distance to the others (NaN = unknown);
+    ``previous_unit``: the previous version in unit space (None = version 1);
+    ``epsilon_scale``: multiplies the annealed Reptile step (the back-off after a
+    rollback of the prior, see ``next_global_prior``). No pandas: the 1,000-task
+    evaluation calls it once per task.
     """
     cfg = config or GlobalPriorConfig()
-    if version < 1:
-        raise ValueError("version must be >= 1")
-    domains = sorted(d for d, p in domain_priors_by_domain.items() if p is not None and len(p))
-    if not domains:
-        raise ValueError("no domain has a prior: materialize domain_priors for at least one domain with telemetry")
-    theta_d = np.vstack([prior_vector(domain_priors_by_domain[d], cfg.center) for d in domains])  # D × K
-    n_obs = np.array([_evidence(domain_priors_by_domain[d]) for d in domains])
-    best_r = np.array([_best_reward(domain_priors_by_domain[d]) for d in domains])
-
-    # evidence and reward score
+    theta_d = np.asarray(theta_d, dtype=float)
     r_centered = np.where(np.isfinite(best_r), best_r - np.nanmedian(best_r) if np.isfinite(best_r).any() else 0.0, 0.0)
     scores = np.log(np.maximum(n_obs, 1.0)) + cfg.reward_coef * r_centered
 
     # shift: far-from-the-rest domains weigh less; unknown distance = neutral (the median)
-    dist = _shift_per_domain(shift_distances, domains)
     known = np.isfinite(dist)
     med_d = float(np.median(dist[known])) if known.any() else 0.0
     dist_filled = np.where(known, dist, med_d)
@@ -360,7 +373,7 @@ def aggregate_global_prior(
     shift_w = np.exp(-(dist_filled - dist_filled.min()) / sigma)
 
     # robust outlier filtering per knob, in unit space
-    if len(domains) >= cfg.min_domains_for_outliers:
+    if len(theta_d) >= cfg.min_domains_for_outliers:
         z = robust_z(theta_d, cfg.mad_floor)
         excluded = np.nan_to_num(z, nan=0.0) > cfg.outlier_z
     else:
@@ -376,21 +389,55 @@ def aggregate_global_prior(
     per_knob = weights[:, None] * (~excluded) * np.isfinite(theta_d)
     col_sum = per_knob.sum(axis=0)
     # a knob nobody reports keeps the previous value (or its default on version 1)
-    fallback = knobs_to_unit(previous_theta) if previous_theta else knobs_to_unit({})
+    fallback = previous_unit if previous_unit is not None else knobs_to_unit({})
     target = np.where(
         col_sum > 0,
         np.nansum(per_knob * np.nan_to_num(theta_d), axis=0) / np.where(col_sum > 0, col_sum, 1.0),
         fallback,
     )
-
-    if version == 1 or not previous_theta:
+    if version == 1 or previous_unit is None:
         epsilon = 1.0  # first version: the weighted mean itself
         theta_unit = target.copy()
     else:
-        epsilon = annealed_epsilon(version - 2, cfg.eps0, cfg.eps_min, cfg.anneal_versions)
-        prev_unit = np.array([KNOBS[n].to_unit(previous_theta.get(n, KNOBS[n].default)) for n in KNOB_NAMES])
-        theta_unit = reptile_step(prev_unit, target[None, :], epsilon)
+        epsilon = annealed_epsilon(version - 2, cfg.eps0, cfg.eps_min, cfg.anneal_versions) * float(epsilon_scale)
+        theta_unit = reptile_step(previous_unit, target[None, :], epsilon)
     theta_unit = np.clip(theta_unit, 0.0, 1.0)
+    return Aggregation(theta_unit, target, float(epsilon), weights, scores, shift_w, float(sigma), excluded,
+                       dropped, z)
+
+
+def aggregate_global_prior(
+    domain_priors_by_domain: Mapping[str, pd.DataFrame],
+    shift_distances: pd.DataFrame | pd.Series | Mapping[str, float] | None,
+    previous_theta: Mapping[str, float] | None,
+    version: int,
+    config: GlobalPriorConfig | None = None,
+    epsilon_scale: float = 1.0,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Aggregate domain priors into global prior ``version`` (1 = first).
+
+    ``previous_theta``: the previous version's knob values (preferably the continuous
+    ``details["theta_continuous"]`` of that version, so int/bool rounding does not stall
+    the Reptile step); ignored for version 1. ``epsilon_scale`` multiplies the Reptile
+    step (1 = as annealed). Returns (knob → bounded value, details).
+    Raises ValueError when no domain has a usable prior.
+    """
+    cfg = config or GlobalPriorConfig()
+    if version < 1:
+        raise ValueError("version must be >= 1")
+    domains = sorted(d for d, p in domain_priors_by_domain.items() if p is not None and len(p))
+    if not domains:
+        raise ValueError("no domain has a prior: materialize domain_priors for at least one domain with telemetry")
+    theta_d = np.vstack([prior_vector(domain_priors_by_domain[d], cfg.center) for d in domains])  # D × K
+    n_obs = np.array([_evidence(domain_priors_by_domain[d]) for d in domains])
+    best_r = np.array([_best_reward(domain_priors_by_domain[d]) for d in domains])
+    dist = _shift_per_domain(shift_distances, domains)
+    known = np.isfinite(dist)
+    previous_unit = (np.array([KNOBS[n].to_unit(previous_theta.get(n, KNOBS[n].default)) for n in KNOB_NAMES])
+                     if previous_theta else None)
+    agg = aggregate_arrays(theta_d, n_obs, best_r, dist, previous_unit, version, cfg, epsilon_scale)
+    weights, theta_unit, target, dropped, excluded, z = (agg.weights, agg.theta_unit, agg.target, agg.dropped,
+                                                          agg.excluded, agg.z)
     theta = unit_to_knobs(theta_unit)
     continuous = {n: KNOBS[n].low + u * (KNOBS[n].high - KNOBS[n].low) for n, u in zip(KNOB_NAMES, theta_unit)}
 
@@ -404,10 +451,10 @@ def aggregate_global_prior(
         "version": int(version),
         "expected_reward": expected,
         "expected_reward_low": expected_low,
-        "epsilon": float(epsilon),
+        "epsilon": float(agg.epsilon),
         "n_domains": int((weights > 0).sum()),
         "config": asdict(cfg),
-        "shift_sigma": float(sigma),
+        "shift_sigma": float(agg.sigma),
         "target_unit": dict(zip(KNOB_NAMES, map(float, target))),
         "theta_unit": dict(zip(KNOB_NAMES, map(float, theta_unit))),
         "theta_continuous": {k: float(v) for k, v in continuous.items()},
@@ -416,9 +463,9 @@ def aggregate_global_prior(
                 "weight": float(weights[i]),
                 "n_obs": int(n_obs[i]),
                 "best_reward": None if not np.isfinite(best_r[i]) else float(best_r[i]),
-                "score": float(scores[i]),
+                "score": float(agg.scores[i]),
                 "shift_distance": None if not known[i] else float(dist[i]),
-                "shift_weight": float(shift_w[i]),
+                "shift_weight": float(agg.shift_weight[i]),
                 "outlier": bool(dropped[i]),
                 "outlier_knobs": [KNOB_NAMES[k] for k in np.flatnonzero(excluded[i])],
                 "max_robust_z": float(np.nanmax(z[i])) if np.isfinite(z[i]).any() else None,
@@ -426,6 +473,8 @@ def aggregate_global_prior(
             for i, d in enumerate(domains)
         },
     }
+    if epsilon_scale != 1.0:
+        details["epsilon_scale"] = float(epsilon_scale)
     return theta, details
 
 
@@ -453,6 +502,11 @@ class GlobalPriorBuild:
     by_domain: dict[str, pd.DataFrame]  # the domain priors it was built from
     previous_values: dict[str, float] | None  # the previous version's knob values
 
+    @property
+    def rollback(self) -> dict[str, Any] | None:
+        """When this version restores an earlier one (the fleet did worse under the newest): what and why."""
+        return self.details.get("rollback")
+
     def knob_table(self) -> pd.DataFrame:
         """Per knob: the new value, the previous one, the Reptile target and θ in unit space."""
         return pd.DataFrame(
@@ -467,6 +521,9 @@ class GlobalPriorBuild:
 
     def domain_table(self) -> pd.DataFrame:
         """Per domain: its weight, evidence, best reward, shift distance and outlier flags."""
+        if "domains" not in self.details:
+            return pd.DataFrame(columns=["domain", "weight", "n_obs", "best_reward", "shift_distance", "outlier",
+                                         "outlier_knobs"])
         return pd.DataFrame(
             [
                 {"domain": d, "weight": v["weight"], "n_obs": v["n_obs"], "best_reward": v["best_reward"],
@@ -484,8 +541,9 @@ def build_global_prior(
     config: GlobalPriorConfig | None = None,
     shift: ShiftSettings = ShiftSettings(),
     now: pd.Timestamp | None = None,
+    epsilon_scale: float = 1.0,
 ) -> GlobalPriorBuild:
-    """The next version of the global prior from the fleet's tables.
+    """The next version of the global prior from the fleet's tables (no canary: see ``next_global_prior``).
 
     ``priors_long``: the ``domain_priors`` table; ``telemetry``: the ``telemetry`` table's
     ``domain`` and SHIFT_FEATURES columns (the shift distances between the domains with a
@@ -500,7 +558,7 @@ def build_global_prior(
     pairwise = pairwise_shift_distances(tel_by_domain, method=shift.method, max_n=shift.max_ticks, seed=shift.seed)
     version = 1 if previous is None else previous.version + 1
     theta, details = aggregate_global_prior(
-        by_domain, pairwise, None if previous is None else previous.continuous, version, config
+        by_domain, pairwise, None if previous is None else previous.continuous, version, config, epsilon_scale
     )
     details["shift_method"] = shift.method
     details["shift_pairwise"] = {d: {e: float(v) for e, v in row.items()} for d, row in pairwise.iterrows()}
@@ -610,3 +668,309 @@ def early_negative_transfer(
         return True, (f"negative transfer: mean reward {mean:.4f} over the first {r.size} ticks at the prior is below "
                       f"{threshold:.4f} (fleet's lowest best reward {expected_reward_low:.4f} − margin {margin} − 2σ/√n)")
     return False, f"prior holds: mean reward {mean:.4f} ≥ {threshold:.4f}"
+
+
+# ---------------------------------------------------------------------------
+# The wired warm start: nearest domains when close, the global prior otherwise
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmStartSettings:
+    """How a new domain's controller picks its cold-start prior (``choose_warm_start``)."""
+
+    k: int = 10  # at most this many nearest domains (10 beat 3 and tied 30 on the seed-targets stream, seeds 0-1)
+    close_ratio: float = 2.0  # "close": distance ≤ close_ratio × the known domains' median nearest-neighbour distance
+    lambda_max: float = 1.0  # blend toward the close neighbours' mean at most this far (1.0 beat 0.7 there)
+    min_ticks: int = 2  # the new domain's ticks the shift distance needs
+    shift_method: str = "mmd"
+    shift_max_ticks: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.close_ratio <= 0 or not 0 <= self.lambda_max <= 1 or self.min_ticks < 2:
+            raise ValueError("WarmStartSettings: need k ≥ 1, close_ratio > 0, 0 ≤ lambda_max ≤ 1, min_ticks ≥ 2")
+
+
+@dataclass
+class WarmStart:
+    """The prior a new domain's controller cold-starts from, and why."""
+
+    theta: dict[str, float] | None  # None: no prior at all (the default knobs)
+    source: str  # "neighbours: a, b" | "global vN" | "defaults"
+    details: dict[str, Any]
+
+
+def typical_neighbour_distance(pairwise: np.ndarray) -> float:
+    """Median over domains of the distance to their nearest other domain (NaN with fewer than 2)."""
+    d = np.array(pairwise, dtype=float)
+    if len(d) < 2:
+        return float("nan")
+    np.fill_diagonal(d, np.inf)
+    nearest = np.min(np.where(np.isfinite(d), d, np.inf), axis=1)
+    nearest = nearest[np.isfinite(nearest)]
+    return float(np.median(nearest)) if nearest.size else float("nan")
+
+
+def warm_start_unit(
+    global_unit: np.ndarray | None,
+    neighbour_units: np.ndarray,
+    distances: np.ndarray,
+    typical_distance: float,
+    settings: WarmStartSettings = WarmStartSettings(),
+) -> tuple[np.ndarray | None, float, np.ndarray]:
+    """``choose_warm_start``'s rule on arrays: (start in unit space or None, λ, indices of the close domains).
+
+    ``neighbour_units``: D × K priors of the known domains (NaN: knob not reported);
+    ``distances``: D distances to the new domain; ``typical_distance``: d_typ. Returns the
+    global prior (λ = 0, no close domain) when none of the k nearest is within
+    ``close_ratio · d_typ``; the arithmetic is ``warm_start_prior``'s.
+    """
+    d = np.asarray(distances, dtype=float)
+    ok = np.flatnonzero(np.isfinite(d))
+    if ok.size == 0 or not np.isfinite(typical_distance):
+        return (None if global_unit is None else np.asarray(global_unit, float)), 0.0, np.array([], dtype=int)
+    order = ok[np.argsort(d[ok], kind="stable")][: settings.k]
+    close = order[d[order] <= settings.close_ratio * typical_distance]
+    if close.size == 0:
+        return (None if global_unit is None else np.asarray(global_unit, float)), 0.0, close
+    base = knobs_to_unit({}) if global_unit is None else np.asarray(global_unit, float)
+    mean_all = float(d[ok].mean())
+    sigma = mean_all if mean_all > 1e-12 else 1.0
+    a = np.exp(-d[close] / sigma)
+    vectors = np.asarray(neighbour_units, dtype=float)[close]
+    have = np.isfinite(vectors) * a[:, None]
+    knn = np.where(have.sum(0) > 0, np.nansum(np.nan_to_num(vectors) * have, axis=0) / np.maximum(have.sum(0), 1e-300),
+                   base)
+    if global_unit is None:  # no global prior: the neighbours' mean itself
+        return knn, 1.0, close
+    contrast = 0.0 if mean_all <= 1e-12 else float(np.clip(1.0 - d[close].mean() / mean_all, 0.0, 1.0))
+    lam = float(settings.lambda_max * contrast)
+    return (1.0 - lam) * base + lam * knn, lam, close
+
+
+def choose_warm_start(
+    global_theta: Mapping[str, float] | None,
+    global_version: int | None,
+    domain_priors_by_domain: Mapping[str, pd.DataFrame],
+    distances_to_new: pd.Series | Mapping[str, float] | None,
+    known_pairwise: pd.DataFrame | None,
+    settings: WarmStartSettings = WarmStartSettings(),
+) -> WarmStart:
+    """The few-shot warm start of a new domain, as the controller uses it.
+
+    ``d_typ`` = the median over the known domains of each one's distance to its nearest
+    other known domain (``typical_neighbour_distance`` of ``known_pairwise``): how close a
+    domain's nearest neighbour typically is in this fleet. A known domain with a prior is
+    **close** when its distance to the new domain is ≤ ``close_ratio · d_typ`` (default 2:
+    the new domain's few ticks make its distances noisier than the fleet's).
+    Of the ``k`` nearest, the close ones C decide:
+
+    * C empty (or fewer than 2 known domains, or no distances): the global prior
+      (``global vN``), or the defaults when there is none;
+    * else ``warm_start_prior`` restricted to C: ``θ = (1−λ)·θ_global + λ·θ_C`` with θ_C
+      the exp(−d/d̄)-weighted mean of their priors and ``λ = λ_max·(1 − d̄_C / d̄_all)``
+      (d̄_all: mean distance to all known domains), so the start moves toward the
+      neighbours as far as they are closer than the fleet at large; with no global
+      prior, θ_C itself (λ = 1).
+    """
+    base = WarmStart(None if global_theta is None else dict(global_theta),
+                     "defaults" if global_theta is None else f"global v{global_version}", {"lambda": 0.0})
+    dist = pd.Series(dict(distances_to_new.items()) if distances_to_new is not None else {}, dtype=float)
+    usable = [d for d in dist.index if d in domain_priors_by_domain and domain_priors_by_domain[d] is not None
+              and len(domain_priors_by_domain[d]) and np.isfinite(dist[d])]
+    if known_pairwise is None or len(known_pairwise) < 2 or len(usable) < 1:
+        base.details["why"] = "fewer than 2 known domains or no distances to the new domain"
+        return base
+    d_typ = typical_neighbour_distance(known_pairwise.to_numpy(dtype=float))
+    dist = dist[usable].sort_values(kind="stable")
+    near = dist.iloc[: settings.k]
+    close = near[near <= settings.close_ratio * d_typ] if np.isfinite(d_typ) else near.iloc[:0]
+    base.details.update({"typical_distance": d_typ, "close_threshold": settings.close_ratio * d_typ,
+                         "nearest": {d: float(v) for d, v in near.items()}})
+    if close.empty:
+        base.details["why"] = (f"nearest domain {near.index[0]} at distance {near.iloc[0]:.4f} > "
+                               f"{settings.close_ratio} × typical {d_typ:.4f}: not close")
+        return base
+    units = np.vstack([prior_vector(domain_priors_by_domain[d]) for d in dist.index])
+    start, lam, idx = warm_start_unit(None if global_theta is None else knobs_to_unit(global_theta), units,
+                                      dist.to_numpy(float), d_typ, settings)
+    theta = unit_to_knobs(start)
+    details = {**base.details, "lambda": lam,
+               "neighbours": {dist.index[i]: float(dist.iloc[i]) for i in idx}}
+    details["why"] = f"{len(close)} close domain(s) (≤ {settings.close_ratio} × typical distance {d_typ:.4f})"
+    return WarmStart(theta, "neighbours: " + ", ".join(close.index), details)
+
+
+# ---------------------------------------------------------------------------
+# The global prior's own canary: fleet reward per published version, rollback
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriorRollbackConfig:
+    """When the fleet did worse under the newest global prior than under the one before."""
+
+    min_domains: int = 3  # domains with decisions under both versions
+    min_decisions: int = 5  # decisions per domain under each version
+    margin: float = 0.01  # reward units the fleet must lose (mean paired difference)
+    z: float = 2.0  # ... and significantly: mean + z·SE < 0
+    backoff: float = 0.5  # the Reptile step after k consecutive rollbacks is scaled by backoff^k
+
+
+def fleet_reward_by_version(decisions: pd.DataFrame, versions: pd.DataFrame) -> pd.DataFrame:
+    """Per (version, domain): decisions and mean decision reward while that version was the newest.
+
+    ``decisions``: meta_decisions' ``domain``, ``decided_at``, ``reward``; ``versions``:
+    ``version``, ``created_at`` (one row per version). A decision belongs to the newest
+    version created at or before it was decided (the one its controller run read); decisions
+    before the first version belong to none.
+    """
+    cols = ["version", "domain", "n", "reward_mean"]
+    if decisions is None or decisions.empty or versions is None or versions.empty:
+        return pd.DataFrame(columns=cols)
+    v = versions[["version", "created_at"]].drop_duplicates("version").copy()
+    v["created_at"] = pd.to_datetime(v["created_at"], utc=True)
+    d = decisions[["domain", "decided_at", "reward"]].copy()
+    d["decided_at"] = pd.to_datetime(d["decided_at"], utc=True)
+    d["reward"] = pd.to_numeric(d["reward"], errors="coerce")
+    d = d[np.isfinite(d["reward"].to_numpy(dtype=float))]
+    if d.empty:
+        return pd.DataFrame(columns=cols)
+    merged = pd.merge_asof(d.sort_values("decided_at"), v.sort_values("created_at"),
+                           left_on="decided_at", right_on="created_at", direction="backward")
+    merged = merged.dropna(subset=["version"])
+    out = merged.groupby(["version", "domain"], sort=True)["reward"].agg(["size", "mean"]).reset_index()
+    out.columns = cols
+    out["version"] = out["version"].astype(int)
+    return out
+
+
+def prior_rollback_verdict(per_version: pd.DataFrame, new_version: int, previous_version: int,
+                           config: PriorRollbackConfig = PriorRollbackConfig()) -> tuple[bool, str, dict[str, Any]]:
+    """Did the fleet do worse under ``new_version`` than under ``previous_version``?
+
+    Paired over the domains with ≥ ``min_decisions`` decisions under both (so a change of
+    which domains report cannot fake a drop): Δ_d = mean reward under new − under previous.
+    Rollback when at least ``min_domains`` are paired and ``mean Δ < −margin`` and
+    ``mean Δ + z·SE < 0`` (SE = sd(Δ)/√n). Returns (rollback?, why, statistics).
+    """
+    pv = per_version[per_version["n"] >= config.min_decisions] if len(per_version) else per_version
+    new = pv[pv["version"] == new_version].set_index("domain")["reward_mean"] if len(pv) else pd.Series(dtype=float)
+    old = pv[pv["version"] == previous_version].set_index("domain")["reward_mean"] if len(pv) else pd.Series(dtype=float)
+    paired = sorted(set(new.index) & set(old.index))
+    stats: dict[str, Any] = {"new_version": int(new_version), "previous_version": int(previous_version),
+                             "n_domains": len(paired)}
+    if len(paired) < config.min_domains:
+        return False, (f"not judged: {len(paired)} domain(s) with ≥ {config.min_decisions} decisions under both "
+                       f"v{previous_version} and v{new_version} (need {config.min_domains})"), stats
+    delta = new[paired].to_numpy(float) - old[paired].to_numpy(float)
+    mean = float(delta.mean())
+    se = float(delta.std(ddof=1) / np.sqrt(len(delta)))
+    stats.update({"mean_new": float(new[paired].mean()), "mean_previous": float(old[paired].mean()),
+                  "mean_delta": mean, "se": se, "per_domain_delta": dict(zip(paired, map(float, delta)))})
+    worse = mean < -config.margin and mean + config.z * se < 0
+    why = (f"fleet reward under v{new_version} {stats['mean_new']:.4f} vs {stats['mean_previous']:.4f} under "
+           f"v{previous_version} over {len(paired)} domains: Δ = {mean:+.4f} (SE {se:.4f}); "
+           + (f"worse beyond the margin {config.margin} and {config.z}·SE: roll back to v{previous_version}"
+              if worse else "not worse: kept"))
+    return worse, why, stats
+
+
+def next_global_prior(
+    priors_long: pd.DataFrame,
+    telemetry: pd.DataFrame,
+    previous: GlobalPriorVersion | None,
+    before_previous: GlobalPriorVersion | None,
+    fleet_decisions: pd.DataFrame | None,
+    versions: pd.DataFrame | None,
+    config: GlobalPriorConfig | None = None,
+    shift: ShiftSettings = ShiftSettings(),
+    rollback: PriorRollbackConfig = PriorRollbackConfig(),
+    now: pd.Timestamp | None = None,
+) -> GlobalPriorBuild:
+    """The next version of the global prior, with the prior's own canary first.
+
+    ``previous`` is the newest version, ``before_previous`` the version before it.
+    When the newest version is not itself a rollback and the fleet did worse under it
+    (``prior_rollback_verdict`` on ``fleet_reward_by_version`` of ``fleet_decisions`` /
+    ``versions``), the next version RESTORES ``before_previous`` (its values and its
+    continuous Reptile state; details ``rollback``: of which version, to which, the
+    statistics, and the count of consecutive rollbacks). Otherwise ``build_global_prior``
+    with the Reptile step scaled by ``backoff^k`` after k consecutive rollbacks, so the
+    same evidence does not push the prior straight back where it failed. Every build's
+    ``details["fleet_reward"]`` lists the per-version fleet reward it saw.
+    """
+    per_version = fleet_reward_by_version(fleet_decisions, versions)
+    fleet = {int(v): {"domains": int(len(g)), "decisions": int(g["n"].sum()),
+                      "reward_mean": float(np.average(g["reward_mean"], weights=g["n"]))}
+             for v, g in per_version.groupby("version")} if len(per_version) else {}
+    prev_rollback = (previous.details.get("rollback") if previous is not None else None) or None
+    if previous is not None and before_previous is not None and prev_rollback is None:
+        worse, why, stats = prior_rollback_verdict(per_version, previous.version, before_previous.version, rollback)
+        if worse:
+            version = previous.version + 1
+            consecutive = 1 + int(((before_previous.details.get("rollback") or {}).get("consecutive", 0)))
+            details = {k: v for k, v in before_previous.details.items() if k not in ("rollback", "fleet_reward")}
+            details.update({"version": version, "epsilon": 0.0, "fleet_reward": fleet,
+                            "theta_continuous": dict(before_previous.continuous),
+                            "rollback": {"of": previous.version, "restored": before_previous.version, "why": why,
+                                         "statistics": stats, "consecutive": consecutive}})
+            rows = pd.DataFrame({
+                "version": version,
+                "created_at": now if now is not None else pd.Timestamp.now(tz="UTC"),
+                "knob": list(KNOB_NAMES),
+                "value": [before_previous.values[k] for k in KNOB_NAMES],
+                "n_domains": before_previous.n_domains,
+                "epsilon": 0.0,
+                "details_json": json.dumps(details, sort_keys=True, default=float),
+            })
+            return GlobalPriorBuild(version, dict(before_previous.values), details, rows, priors_by_domain(priors_long),
+                                    dict(previous.values))
+    consecutive = int(prev_rollback.get("consecutive", 0)) if prev_rollback else 0
+    built = build_global_prior(priors_long, telemetry, previous, config, shift, now,
+                               epsilon_scale=rollback.backoff ** consecutive)
+    built.details["fleet_reward"] = fleet
+    if previous is not None and before_previous is not None and prev_rollback is None:
+        built.details["prior_check"] = why
+    built.rows["details_json"] = json.dumps(built.details, sort_keys=True, default=float)
+    return built
+
+
+def warm_start_new_domain(
+    domain: str,
+    new_telemetry: pd.DataFrame,
+    global_theta: Mapping[str, float] | None,
+    global_version: int | None,
+    priors_long: pd.DataFrame,
+    fleet_telemetry: pd.DataFrame,
+    settings: WarmStartSettings = WarmStartSettings(),
+) -> WarmStart:
+    """``choose_warm_start`` from the store's tables: what a new domain's controller cold-starts from.
+
+    ``new_telemetry``: the new domain's ticks so far (SHIFT_FEATURES columns); ``priors_long``:
+    the ``domain_priors`` table; ``fleet_telemetry``: the ``telemetry`` table's ``domain`` and
+    SHIFT_FEATURES columns. All distances — between known domains and to the new one — come
+    from ONE ``pairwise_shift_distances`` call (one standardization, one bandwidth), so "close"
+    is judged with the same ruler on both sides. The new domain's own rows are left out of
+    the known set. Fewer than ``settings.min_ticks`` new ticks: the global prior.
+    """
+    glob = WarmStart(None if global_theta is None else dict(global_theta),
+                     "defaults" if global_theta is None else f"global v{global_version}", {"lambda": 0.0})
+    n_new = 0 if new_telemetry is None else len(new_telemetry)
+    if n_new < settings.min_ticks:
+        glob.details["why"] = f"{n_new} tick(s) of the new domain (the shift distance needs {settings.min_ticks})"
+        return glob
+    by_domain = {d: p for d, p in priors_by_domain(priors_long).items() if d != domain}
+    known = {d: g for d, g in fleet_telemetry.groupby("domain") if d in by_domain} if len(fleet_telemetry) else {}
+    if len(known) < 2:
+        glob.details["why"] = f"{len(known)} known domain(s) with a prior and telemetry (need 2)"
+        return glob
+    key = "\x00new"  # cannot clash with a valid domain name
+    pairwise = pairwise_shift_distances({**known, key: new_telemetry}, method=settings.shift_method,
+                                        max_n=settings.shift_max_ticks, seed=settings.seed)
+    if key not in pairwise.index:
+        glob.details["why"] = "the new domain's ticks have no complete outcome row"
+        return glob
+    return choose_warm_start(global_theta, global_version, by_domain, pairwise.loc[key].drop(key),
+                             pairwise.drop(index=key, columns=key), settings)

@@ -25,6 +25,7 @@ from meta_pipeline.learning.predict import override_model
 from meta_pipeline.meta.knob_trial import (
     LEARNING_KNOBS,
     MIN_PAIRED_TRADES,
+    PAIRED_MAX_TRADES,
     SourceFrames,
     counterfactual_trial,
     trial_readiness,
@@ -62,12 +63,15 @@ class ControllerRunConfig(dg.Config):
                                   "never on telemetry")
     min_paired_trades: int = Field(default=MIN_PAIRED_TRADES, ge=2,
                                    description="realized trades after the post-change overrides version before judging")
+    max_paired_trades: int = Field(default=PAIRED_MAX_TRADES, ge=2,
+                                   description="a paired trial is decided at the latest on this many realized trades")
 
     def controller_config(self) -> ControllerConfig:
         weights = RewardWeights(self.w_gain, self.w_stability, self.w_resource, self.w_realized,
                                 self.realized_cycles, self.realized_min_trades)
         return ControllerConfig(ticks_per_decision=self.ticks_per_decision, reward_weights=weights,
-                                paired_knobs=LEARNING_KNOBS if self.paired_learning_trials else ())
+                                paired_knobs=LEARNING_KNOBS if self.paired_learning_trials else (),
+                                paired_max_trades=self.max_paired_trades)
 
 
 def _paired_judge(store, domain: str, min_trades: int):

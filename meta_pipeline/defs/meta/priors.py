@@ -160,8 +160,16 @@ def global_prior(
     with store.write() as conn:
         # read the previous version inside the write transaction: version = max + 1 atomically
         previous = store.read_global_prior(conn=conn)
+        before_previous = None if previous is None else store.read_global_prior(previous.version - 1, conn=conn)
+        versions = fleet = None
+        if before_previous is not None:  # the prior's canary: the fleet's decisions under the last two versions
+            versions = store.read("global_prior", columns=["version", "created_at"], conn=conn)
+            fleet = store.read("meta_decisions", columns=["domain", "decided_at", "reward"], conn=conn,
+                               after={"decided_at": versions.loc[versions["version"] == before_previous.version,
+                                                                 "created_at"].min()})
         try:
-            built = priors_core.build_global_prior(priors_long, telemetry, previous, cfg, shift)
+            built = priors_core.next_global_prior(priors_long, telemetry, previous, before_previous, fleet, versions,
+                                                  cfg, shift)
         except priors_core.NoDomainPriors as exc:
             built = None
             why = str(exc)
@@ -171,6 +179,19 @@ def global_prior(
         # a fleet that sends trades only: nothing to aggregate, and nothing downstream needs it
         # (controllers cold-start from the knob defaults, diagnostics skip the global-prior gap)
         return _no_global_prior(context, previous, telemetry, why)
+    if built.rollback is not None:
+        rb = built.rollback
+        context.log.warning(f"global_prior: v{built.version} restores v{rb['restored']} (rollback of v{rb['of']}): "
+                            f"{rb['why']}")
+        return dg.MaterializeResult(metadata={
+            "status": dg.MetadataValue.text(f"version {built.version} written: ROLLBACK of v{rb['of']} to "
+                                            f"v{rb['restored']}'s values"),
+            "version": dg.MetadataValue.int(built.version),
+            "rollback": dg.MetadataValue.text(rb["why"]),
+            "fleet_reward_by_version": dg.MetadataValue.json(built.details["fleet_reward"]),
+            "dagster/row_count": dg.MetadataValue.int(len(built.rows)),
+            "prior": table_preview(built.knob_table()),
+        })
 
     details, domain_table = built.details, built.domain_table()
     return dg.MaterializeResult(
@@ -180,6 +201,8 @@ def global_prior(
             "epsilon": dg.MetadataValue.float(float(details["epsilon"])),
             "n_domains": dg.MetadataValue.int(details["n_domains"]),
             "n_outlier_domains": dg.MetadataValue.int(int(domain_table["outlier"].sum())),
+            "prior_check": dg.MetadataValue.text(details.get("prior_check", "no earlier version to compare")),
+            "fleet_reward_by_version": dg.MetadataValue.json(details.get("fleet_reward", {})),
             "dagster/row_count": dg.MetadataValue.int(len(built.rows)),
             "prior": table_preview(built.knob_table()),
             "domains": table_preview(domain_table, max_rows=50),
