@@ -223,6 +223,10 @@ class ControllerState:
     prior_point: dict[str, Any] | None = None  # reward measured at the prior's point {"mean", "weight"}
     rng_state: dict[str, Any] = field(default_factory=dict)
     last_ts: str | None = None  # ISO-8601 UTC of the newest tick consumed
+    # where the prior came from ("global vN" or "neighbours: a, b"; meta.priors.choose_warm_start):
+    # a neighbours' prior stays the pull target when a newer global version arrives
+    prior_source: str | None = None
+    fallback: dict[str, Any] | None = None  # the sustained-drop monitor's memory (meta.fallback), opaque here
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)

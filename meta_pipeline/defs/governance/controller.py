@@ -39,6 +39,7 @@ from meta_pipeline.meta.reward import (
     W_STABILITY,
     RewardWeights,
 )
+from meta_pipeline.meta.shift import SHIFT_FEATURES
 from meta_pipeline.store import lock
 
 PLOT_DECISIONS = 300  # how many recent decisions the trajectory plot shows
@@ -154,7 +155,11 @@ def controller_state(
                                store.active_config("META_KNOBS", domain, conn=conn), new_ticks, cfg, config.seed,
                                feedback_cycles=store.read("feedback_cycles", domain=domain, conn=conn),
                                paired_judge=(_paired_judge(store, domain, config.min_paired_trades)
-                                             if cfg.paired_knobs else None), now=now)
+                                             if cfg.paired_knobs else None), now=now,
+                               # read only at a cold start: the fleet's priors and telemetry for the warm start
+                               warm_start_inputs=lambda: (store.read("domain_priors", conn=conn),
+                                                          store.read("telemetry", columns=["domain", *SHIFT_FEATURES],
+                                                                     conn=conn)))
         except TelemetryError as exc:
             raise dg.Failure(
                 description=f"controller_state[{domain}]: telemetry rejected, nothing written: {exc}",
@@ -166,6 +171,8 @@ def controller_state(
         if step.decisions:
             store.append("meta_decisions", decision_rows(domain, step.decisions, now), conn=conn)
     state, new_state, decisions, notes = step.before, step.state, step.decisions, step.notes
+    for why in step.fallbacks:  # a sustained drop (meta.fallback): the controller is back at the safe defaults
+        context.log.warning(f"{domain}: controller fell back to the safe defaults: {why}")
     external = step.external
 
     metadata: dict[str, dg.MetadataValue] = {
@@ -180,6 +187,8 @@ def controller_state(
         "cooldowns": dg.MetadataValue.json(new_state.cooldowns),
         "prior_weight": dg.MetadataValue.float(float(new_state.prior_weight)),
         "prior_disabled": dg.MetadataValue.bool(bool(new_state.prior_disabled)),
+        "prior_source": dg.MetadataValue.text(str(new_state.prior_source)),
+        "fallbacks_this_run": dg.MetadataValue.int(len(step.fallbacks)),
         "last_ts": dg.MetadataValue.text(str(new_state.last_ts)),
     }
     if new_state.prior_disabled_reason:
