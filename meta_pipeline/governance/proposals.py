@@ -419,7 +419,7 @@ def _stress_text(stress: Mapping | None, weight: float) -> str:
     dd = stress.get("boot_drawdown", {})
     grid = sorted(float(w) for w in dd)
     nearest = min(grid, key=lambda w: abs(w - weight)) if grid else None
-    text = (f" Bootstrap stress ({stress.get('n_bootstrap')} resamples of the strategy's trades): the cut changes its "
+    text = (f" Bootstrap stress ({int(stress.get('n_bootstrap') or 0)} resamples of the strategy's trades): the cut changes its "
             f"total R by {gain[1]:+.1f} (90% interval {gain[0]:+.1f} to {gain[2]:+.1f}); P(cell total < 0) "
             f"{stress['boot_p_cell_total_negative']:.2f}")
     if nearest is not None:
