@@ -70,7 +70,8 @@ def test_evolution_comparison_proposal_and_lifecycle(ready):
     mat = instance.get_latest_materialization_event(dg.AssetKey("prompt_comparison")).asset_materialization
     assert mat.metadata["p_value"].value == pytest.approx(run["p_value"])
     evo = instance.get_latest_materialization_event(dg.AssetKey("prompt_evolution")).asset_materialization
-    assert "validation_per_iteration" in evo.metadata and "strategy_effectiveness" in evo.metadata
+    for metadata in (evo.metadata, mat.metadata):
+        assert "validation_per_iteration" in metadata and "strategy_effectiveness" in metadata
     # approve + apply: the evolved prompt becomes the active PROMPT_TEMPLATE, and evolution starts from it
     lifecycle.approve(store, run["proposal_id"], "alice")
     applied = lifecycle.apply(store, run["proposal_id"], "alice")
@@ -88,6 +89,21 @@ def test_evolution_comparison_proposal_and_lifecycle(ready):
     version, spec, config = active_prompt(store, TASK)
     assert version == 3 and config == {"instructions": ["Classify the sentiment of the text as positive or negative."],
                                        "demonstrations": []}
+
+
+def test_evolve_without_a_provider_is_one_line(store, monkeypatch, capsys):
+    import argparse
+
+    from meta_pipeline.commands.prompts import cmd_prompts_evolve
+
+    monkeypatch.delenv("META_PIPELINE_LLM_PROVIDER", raising=False)
+    args = argparse.Namespace(task="sentiment", db_url=store.db_url, debug=False)
+    assert cmd_prompts_evolve(args) == 2
+    assert "error: no LLM provider: set META_PIPELINE_LLM_PROVIDER" in capsys.readouterr().err
+    monkeypatch.setenv("META_PIPELINE_LLM_PROVIDER", "anthropic")
+    monkeypatch.delenv("META_PIPELINE_LLM_API_KEY", raising=False)
+    assert cmd_prompts_evolve(args) == 2
+    assert "the anthropic provider needs an API key" in capsys.readouterr().err
 
 
 def test_missing_prompt_fails_with_the_command_to_run(store, monkeypatch):

@@ -164,7 +164,18 @@ def _print_run(store: MetaStore, task: str) -> None:
 def cmd_prompts_evolve(args: argparse.Namespace) -> int:
     from meta_pipeline.commands.orchestration import get_instance
 
+    from meta_pipeline.llm import LLMConfigError, make_provider, settings_from_env
+
     task = _task(args)
+    try:  # a model that cannot be used is one line before any run
+        settings = settings_from_env()
+        if not settings.enabled:
+            raise LLMConfigError("no LLM provider: set META_PIPELINE_LLM_PROVIDER (openai, openai-compatible, "
+                                 "anthropic or scripted) and META_PIPELINE_LLM_MODEL, see docs/prompts.md")
+        if settings.provider != "scripted":
+            make_provider(settings)
+    except LLMConfigError as exc:
+        raise UserError(None, str(exc)) from exc
     store = open_store(args)
     instance = get_instance()
     _register_sim_if_scripted(store, task)
@@ -172,8 +183,13 @@ def cmd_prompts_evolve(args: argparse.Namespace) -> int:
     result = run_prompts_job(instance, store, task)
     if not result.success:
         failure = next((e for e in result.all_events if e.is_step_failure), None)
-        detail = failure.step_failure_data.error.message.strip().splitlines()[-1] if failure and \
-            failure.step_failure_data.error else "see the run in the UI"
+        data = failure.step_failure_data if failure else None
+        if data is not None and data.user_failure_data is not None and data.user_failure_data.description:
+            detail = data.user_failure_data.description
+        elif data is not None and data.error is not None:
+            detail = data.error.message.strip().splitlines()[-1]
+        else:
+            detail = "see the run in the UI"
         raise UserError(f"--task {task}", f"prompt evolution failed: {detail}", code=1)
     print(f"prompts_job for {task}: ok in {time.perf_counter() - t:.1f}s (run {result.run_id[:8]})")
     _print_run(store, task)

@@ -192,7 +192,12 @@ def prompt_comparison(context: dg.AssetExecutionContext, config: PromptCompariso
     history = runs[["run_id", "started_at", "baseline_val", "best_val", "baseline_test", "best_test", "win_margin",
                     "p_value", "iterations", "converged", "calls", "tokens", "proposal_id"]].tail(10)
     history = history.assign(run_id=history["run_id"].str.slice(0, 8))
+    candidates = prompt_rows.read_prompt_candidates(store, task, cmp.run["run_id"])
+    plots = {"validation_per_iteration": plot_metadata(_trajectory_figure(candidates, task), "validation")}
+    if (fig := _strategy_figure(candidates)) is not None:
+        plots["strategy_effectiveness"] = plot_metadata(fig, "strategies")
     return dg.MaterializeResult(metadata={
+        **plots,
         "run_id": dg.MetadataValue.text(str(cmp.run["run_id"])),
         "n_test": dg.MetadataValue.int(paired.n),
         "static_test_accuracy": dg.MetadataValue.float(paired.baseline_accuracy),
