@@ -19,7 +19,7 @@ from meta_pipeline.prompts.runs import active_prompt, init_prompt
 from meta_pipeline.store import prompts as prompt_rows
 
 TASK = "sentiment"
-RUN_CONFIG = {"ops": {"prompt_evolution": {"config": {"max_iterations": 4}}}}
+RUN_CONFIG = {"ops": {"prompt_evolution": {"config": {"max_iterations": 2}}}}
 
 
 @pytest.fixture
@@ -149,3 +149,35 @@ def test_the_api_key_comes_through_envvar_and_is_never_shown(monkeypatch):
         logs = "".join(str(e) for e in instance.all_logs(result.run_id))
         assert "sk-from-env-123" not in logs
         assert "openai-compatible" in str(result.asset_materializations_for_node("uses_llm")[0].metadata)
+
+
+def test_the_same_run_through_an_openai_compatible_server(ready, monkeypatch):
+    """Only the environment changes: the simulated model behind a local OpenAI-compatible HTTP server
+    (127.0.0.1) answers the same as the scripted provider, through the official openai client."""
+    pytest.importorskip("openai")
+    from meta_pipeline.lab.prompt_sim import SIM_MODEL
+    from meta_pipeline.llm.providers import _RESPONDERS
+    from meta_pipeline_tests.support.openai_server import LocalOpenAIServer
+
+    store, instance, defs = ready
+    config = {"ops": {"prompt_evolution": {"config": {"max_iterations": 1}}}}
+    scripted = defs.resolve_job_def("prompts_job").execute_in_process(partition_key=TASK, instance=instance,
+                                                                      run_config=config)
+    first = prompt_rows.latest_prompt_run(store, TASK)
+    server = LocalOpenAIServer()
+    server.plan = [("responder", _RESPONDERS[SIM_MODEL])]
+    try:
+        monkeypatch.setenv("META_PIPELINE_LLM_PROVIDER", "openai-compatible")
+        monkeypatch.setenv("META_PIPELINE_LLM_BASE_URL", server.url)
+        monkeypatch.setenv("META_PIPELINE_LLM_MODEL", "sim-over-http")  # another model: no cache hit
+        http = defs.resolve_job_def("prompts_job").execute_in_process(partition_key=TASK, instance=instance,
+                                                                      run_config=config)
+    finally:
+        server.close()
+    assert scripted.success and http.success
+    second = prompt_rows.latest_prompt_run(store, TASK)
+    assert (second["provider"], second["model"]) == ("openai-compatible", "sim-over-http")
+    for column in ("baseline_val", "best_val", "baseline_test", "best_test", "p_value", "iterations"):
+        assert second[column] == pytest.approx(first[column]), column
+    assert second["calls"] == len(server.requests) and second["cached_calls"] == first["cached_calls"]
+    assert {r["path"] for r in server.requests} == {"/v1/chat/completions"}
