@@ -197,6 +197,7 @@ def governance_section(config: GovernanceSectionConfig | None = None,
         "null_ceiling": cfg.null_ceiling,
         "null_met": bool(null_max.max() < cfg.null_ceiling and other_max.max() < cfg.null_ceiling),
         "null_fleets_with_any_proposal": int(sum(n["n_proposals"] > 0 for n in null)),
+        "null_min_q": float(min(n["min_q"] for n in null)),
         "repeated_after_apply": int(sum(bool(r) for r in repeated)),
         "no_repeat_met": not any(bool(r) for r in repeated),
         "seconds": time.perf_counter() - started,
@@ -220,7 +221,8 @@ def format_governance(result: dict) -> str:
         f"| its confidence (min / mean over seeds) | {s['top_confidence_min']:.3f} / {s['top_confidence_mean']:.3f} | "
         f"≥ {s['confidence_target']} | {'yes' if s['planted_met'] else 'NO'} |",
         f"| largest confidence of any proposal on null fleets | {s['null_max_confidence']:.3f} "
-        f"({s['null_fleets_with_any_proposal']}/{s['seeds']} null fleets with any proposal) | < {s['null_ceiling']} | "
+        f"({s['null_fleets_with_any_proposal']}/{s['seeds']} null fleets with any proposal; smallest BH q of any "
+        f"null test {s['null_min_q']:.3f}) | < {s['null_ceiling']} | "
         f"{'yes' if s['null_max_confidence'] < s['null_ceiling'] else 'NO'} |",
         f"| largest confidence of a spurious proposal on planted fleets | "
         f"{s['planted_fleets_max_spurious_confidence']:.3f} | < {s['null_ceiling']} | "
