@@ -115,7 +115,7 @@ def test_inbox_sensor_definition_evaluates(tmp_path: Path, store: MetaStore, ins
 def test_definitions_load_with_every_asset() -> None:
     """The ingest asset and check tested above are the code location's own, and the refresh
     jobs between them recompute every asset it defines — per domain, fleet-wide, and per task
-    the generic feedback job (the full list of assets is in snapshots/code_location.json, see
+    the generic feedback job and prompt evolution's job (the full list of assets is in snapshots/code_location.json, see
     test_code_location_snapshot)."""
     from meta_pipeline.definitions import defs
 
@@ -123,6 +123,6 @@ def test_definitions_load_with_every_asset() -> None:
     keys = set(graph.get_all_asset_keys())
     assert trades.key in keys and set(trades_are_well_formed.check_keys) <= set(graph.asset_check_keys)
     refreshed = set()
-    for job_name in ("domain_refresh_job", "fleet_refresh_job", "feedback_generic_job"):
+    for job_name in ("domain_refresh_job", "fleet_refresh_job", "feedback_generic_job", "prompts_job"):
         refreshed |= defs.resolve_job_def(job_name).asset_layer.selected_asset_keys
     assert refreshed == keys, f"assets no refresh job recomputes: {sorted(k.to_user_string() for k in keys - refreshed)}"
