@@ -183,3 +183,39 @@ def test_a_stored_version_records_its_knobs_and_reapplies_its_edges(noise, tmp_p
     np.testing.assert_allclose(stored.predict(h.trades, h.patterns, h.scope, h.metrics).to_numpy(),
                                model.predict(h.trades, h.patterns, h.scope, h.metrics).to_numpy(),
                                rtol=0, atol=1e-8)  # the version's regime weights are kept as JSON text
+
+
+def test_knobs_set_by_a_person_reach_the_overrides_the_engines_receive(tmp_path):
+    """Through Dagster: `knobs set` → the learning assets → pm_overrides built with the set lambda_ci."""
+    import dagster as dg
+
+    from meta_pipeline.governance.knob_settings import set_knobs
+    from meta_pipeline.learning.predict import predict_trades
+    from meta_pipeline_tests.support.code_location import unbound_definitions_for
+
+    data = knob_fleets.knob_domain(("noise",), SEED, knob_fleets.KnobFleetConfig(n_trades=6000))
+    train, holdout = knob_fleets.source_batches(data)
+    store = MetaStore(db_url=f"sqlite:///{tmp_path}/w.db")
+    domain = data.domain
+    for table, frame in (("trades", train.trades), ("trade_patterns", train.patterns), ("trade_scope", train.scope),
+                         ("trade_metrics", train.metrics)):
+        store.replace_partition(table, domain, frame)
+    learning = unbound_definitions_for(dg.AssetSelection.groups("learning"))
+    got = {}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("domain", [domain])
+        for lam in (0.3, 0.7):
+            set_knobs(store, domain, {"lambda_ci": lam}, "tester")
+            # the whole learning group once; then only pm_overrides (what lambda_ci acts on) with the new knobs
+            selection = None if lam == 0.3 else dg.AssetSelection.assets("pm_overrides")
+            assert dg.materialize(learning, partition_key=domain, instance=instance, resources={"store": store},
+                                  selection=selection).success
+            rows = store.read("pm_overrides", domain=domain)
+            assert len(rows) and all(json.loads(s)["knobs"]["lambda_ci"] == lam for s in rows["source_json"])
+            got[lam] = (rows.set_index(["lesson_key", "regime"])["edge"],
+                        predict_trades(store, domain, holdout)["edge"].to_numpy())
+    both = got[0.3][0].index.intersection(got[0.7][0].index)
+    assert len(both) and (np.abs(got[0.7][0][both]) < np.abs(got[0.3][0][both])).all()
+    assert np.mean(np.abs(got[0.7][1] - got[0.3][1])) >= MIN_EFFECT
+    versions = store.override_versions(domain)
+    assert [parse["lambda_ci"] for parse in versions["knobs_json"].map(json.loads)] == [0.3, 0.7]
