@@ -483,7 +483,8 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
     description=(
         "The overrides engines apply: per latent factor the lessons whose edge really lives at their scope "
         "(joint least squares under the engine's one-override-per-factor rule), decayed by the fitted half-life "
-        "to now, net of the regime metric term when tier2 is on, |edge| ≥ g_min, ≤ tier3_topk lessons per factor. "
+        "to now, shrunk toward its lower confidence bound by lambda_ci and faded by tau when stale, net of the "
+        "regime metric term when tier2 is on, |edge| ≥ g_min, ≤ tier3_topk lessons per factor (docs/knobs.md). "
         "Each row's source_json names its lessons, fits and knobs. Table pm_overrides."
     ),
 )
