@@ -105,6 +105,17 @@ def test_cli_ingest_examples_and_prompts_init(store, tmp_path: Path, capsys):
     assert "the prompt file has no instruction line" in capsys.readouterr().err
 
 
+def test_text_that_is_not_unicode_is_quarantined(any_store, tmp_path: Path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"example_id": "a", "input": "ok \\ud800", "expected": "x"}\n'
+                    '{"example_id": "b", "input": "fine", "expected": "y", "choices": ["x) one \\udfff", "y) two"]}\n'
+                    '{"example_id": "c", "input": "fine", "expected": "y"}\n', encoding="utf-8")
+    report = ingest_examples_file(any_store, path, "qa")
+    assert (report.ingested, report.quarantined) == (1, 2)
+    q = any_store.read("quarantine", equals={"kind": "examples"}, order_by="line")
+    assert q["line"].tolist() == [1, 2] and set(q["reason"]) == {"text that is not valid Unicode"}
+
+
 def test_a_missing_column_rejects_the_file(store, tmp_path: Path):
     from meta_pipeline.contracts import ContractError
 

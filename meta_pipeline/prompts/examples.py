@@ -43,6 +43,7 @@ KIND = "examples"
 REQUIRED = ("example_id", "input", "expected")
 ID_MAX = prompt_examples.c.example_id.type.length
 TEXT_MAX = 100_000
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _CHOICE_RE = re.compile(r"^\s*([A-Za-z0-9]{1,10})\s*\)\s*(.+?)\s*$", re.S)
 QUARANTINE_COLUMNS = ["domain", "kind", "source_file", "line", "reason", "raw_json"]
 
@@ -87,6 +88,13 @@ class ExamplesReport(IngestReport):
     @property
     def partition_kind(self) -> str:
         return "task"
+
+
+def _raw_json(rec: dict) -> str:
+    """The row as JSON text; text that is not valid Unicode is kept as its \\uXXXX escape."""
+    values = {str(k): _text(v) for k, v in rec.items()}
+    text = json.dumps(values, ensure_ascii=False)
+    return json.dumps(values) if _SURROGATE_RE.search(text) else text
 
 
 @dataclass
@@ -134,6 +142,10 @@ def validate_examples(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
                 reasons.append(f"empty {name}")
             elif "\x00" in value:
                 reasons.append(f"{name} contains a NUL character")
+        if any(_SURROGATE_RE.search(str(v)) for v in rec.values() if isinstance(v, str)) or \
+                _SURROGATE_RE.search(json.dumps(rec.get("choices"), ensure_ascii=False, default=str)) or \
+                _SURROGATE_RE.search(json.dumps(rec.get("metadata"), ensure_ascii=False, default=str)):
+            reasons.append("text that is not valid Unicode")  # a JSON "\\ud800" escape: no database stores it
         if len(eid) > ID_MAX:
             reasons.append(f"example_id longer than {ID_MAX} characters")
         if len(text) > TEXT_MAX:
@@ -154,7 +166,7 @@ def validate_examples(raw: pd.DataFrame, lines: np.ndarray, *, task: str, source
         if reasons:
             bad_rows.append({"domain": task, "kind": KIND, "source_file": source, "line": line,
                              "reason": "; ".join(reasons),
-                             "raw_json": json.dumps({str(k): _text(v) for k, v in rec.items()}, ensure_ascii=False)})
+                             "raw_json": _raw_json(rec)})
             continue
         good_rows.append({"example_id": eid, "input": text, "expected": expected,
                           "choices_json": json.dumps([{"label": lb, "text": t} for lb, t in choices],
