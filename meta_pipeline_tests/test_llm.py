@@ -177,3 +177,10 @@ def test_client_for_reads_the_environment(monkeypatch, store):
     row = store.read("llm_calls").iloc[0]
     assert (row["run_id"], row["task"], row["provider"], row["model"]) == ("r1", "t1", "scripted", "echo-env")
     assert isinstance(row["called_at"], pd.Timestamp)
+
+
+def test_replies_are_storable_text(any_store):
+    client = LLMClient(LLMSettings(provider="scripted", model="m"), ScriptedProvider(["a\x00b \ud800c"]),
+                       StoreCache(any_store))
+    assert client.complete(MSG).text == "ab \ufffdc"
+    assert any_store.read("llm_cache")["response_text"].tolist() == ["ab \ufffdc"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -175,6 +176,15 @@ class MemoryCache:
                                                   int(row["completion_tokens"]))
                 new += 1
         return new
+
+
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str | None) -> str:
+    """A reply as text every database stores: NUL dropped, a lone surrogate replaced by U+FFFD."""
+    text = text or ""
+    return _UNSTORABLE_RE.sub(lambda m: "" if m.group(0) == "\x00" else "\ufffd", text)
 
 
 def cache_key(model: str, messages: Messages, temperature: float, max_output_tokens: int) -> str:
@@ -328,6 +338,7 @@ class LLMClient:
                                         message))
                 raise ProviderError(message, retryable=exc.retryable, status=exc.status) from exc
         latency = (time.perf_counter() - started) * 1000.0
+        reply = ProviderReply(storable_text(reply.text), reply.prompt_tokens, reply.completion_tokens)
         with self._lock:
             self.usage.tokens += reply.prompt_tokens + reply.completion_tokens
         self._record(CallRecord(pd.Timestamp.now(tz="UTC"), purpose, key, False, attempts, reply.prompt_tokens,
