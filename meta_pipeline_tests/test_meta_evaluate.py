@@ -132,3 +132,23 @@ def test_cli_evaluate_prints_one_table_and_saves_the_plot(tmp_path, capsys, monk
     assert text.count("section") == 1 and "value [95% CI]" in text
     assert (tmp_path / "evaluate.png").exists()
     assert main(["evaluate", "--seeds", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_evaluate_seed_targets_prints_every_target_with_its_definition(tmp_path, capsys, monkeypatch):
+    import functools
+
+    import meta_pipeline.lab.seed_targets as st
+
+    small = functools.partial(st.SeedTargetsConfig, n_probe=2, efficiency_horizon=10, task_ticks=80)
+    monkeypatch.setattr(st, "SeedTargetsConfig", small)
+    code = main(["evaluate", "--section", "seed-targets", "--seeds", "1", "--tasks", "12", "--no-dagster",
+                 "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    for target in ("meta-learning convergence", "few-shot adaptation", "transfer", "knowledge retention",
+                   "learning efficiency"):
+        assert target in text
+    assert "≥ 0.95" in text and "≥ 10×" in text and "over 12 sequential tasks" in text
+    saved = json.loads((tmp_path / "seed-targets.json").read_text())
+    assert saved["runs"][0]["seed"] == 0 and len(saved["runs"][0]["warm_regret_curve"]) == 12
+    assert main(["evaluate", "--section", "seed-targets", "--tasks", "1", "--out", str(tmp_path)]) == 2
