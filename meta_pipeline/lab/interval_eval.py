@@ -73,6 +73,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 BREAK_VARIANT: dict[str, Any] = {"break_at_days": 40.0, "break_families": 4}
 
 
+# Planted edge histories (lab.planted_halflife): independent lessons, exact truth; the
+# noise shapes that break a pooled-variance interval, at full strength.
+PLANTED_VARIANTS: dict[str, dict[str, Any]] = {
+    "gaussian": {},
+    "noisy_early": {"sd_trend": -2.5},
+    "noisy_late": {"sd_trend": 2.5},
+    "t3_bursty_noisy_early": {"noise": "student_t", "t_df": 3.0, "sd_trend": -2.0, "count_dispersion": 1.0},
+    "t3_heteroscedastic_days": {"noise": "student_t", "t_df": 3.0, "day_sd_range": (0.4, 2.5)},
+    "edge_wobble": {"edge_day_cv": 0.3},
+}
+
+
 @dataclass(frozen=True)
 class IntervalEvalConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
@@ -81,6 +93,7 @@ class IntervalEvalConfig:
     n_families: int = 8  # more families than the default 6: more planted lessons per domain
     break_seeds: tuple[int, ...] = (0, 1)
     methods: tuple[str, ...] = ("robust", "model")  # the first is the pipeline's; the rest for comparison
+    planted_lessons: int = 3000  # per planted-history variant and seed (0: skip that block)
     fit_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -256,6 +269,32 @@ def score_breaks(fits: pd.DataFrame) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ section
+def planted_block(cfg: IntervalEvalConfig) -> dict[str, Any]:
+    """Coverage of planted decaying lessons' λ on planted edge histories, per variant and method.
+
+    Lessons are independent here, so the s.e. is binomial.
+    """
+    from meta_pipeline.lab.planted_halflife import planted_edge_history
+
+    out: dict[str, Any] = {}
+    for i, (name, kw) in enumerate(PLANTED_VARIANTS.items()):
+        covers: dict[str, list[np.ndarray]] = {m: [] for m in cfg.methods}
+        for seed in cfg.seeds:
+            eh, truth = planted_edge_history(cfg.planted_lessons, 60, seed=1000 * (i + 1) + seed, **kw)
+            for method in cfg.methods:
+                fit = fit_half_lives(eh, ci_method=method, **cfg.fit_kwargs)
+                m = truth.merge(fit, on="lesson_key", suffixes=("_true", ""), validate="1:1")
+                d = m[(m["kind"] == "decaying") & (m["n_buckets"] >= 5)]
+                lam = d["decay_rate_per_hour_true"]
+                covers[method].append(((d["decay_rate_ci_low"] <= lam) & (lam <= d["decay_rate_ci_high"])).to_numpy())
+        out[name] = {}
+        for method, c in covers.items():
+            hit = np.concatenate(c)
+            p = float(hit.mean())
+            out[name][method] = {"coverage": p, "coverage_se": math.sqrt(p * (1 - p) / hit.size), "n": int(hit.size)}
+    return out
+
+
 def _domain(name: str, seed: int, cfg: IntervalEvalConfig, overrides: dict[str, Any]) -> DomainData:
     kwargs = {"n_trades": cfg.n_trades, "n_families": cfg.n_families, **overrides}
     fleet = generate_fleet(n_domains=1, seed=seed, domain_names=(f"{name}-{seed}",), **kwargs)
@@ -300,7 +339,13 @@ def interval_section(cfg: IntervalEvalConfig = IntervalEvalConfig(),
             for method in cfg.methods:
                 bfits[method].append(fit_half_lives(history, ci_method=method, **cfg.fit_kwargs))
         breaks = {m: score_breaks(pd.concat(f, ignore_index=True)) for m, f in bfits.items()}
+    planted = {}
+    if cfg.planted_lessons > 0:
+        if progress:
+            progress("intervals: planted edge histories")
+        planted = planted_block(cfg)
     return {
+        "planted": planted,
         "config": {"variants": {v: VARIANTS[v] for v in cfg.variants}, "seeds": list(cfg.seeds),
                    "n_trades": cfg.n_trades, "n_families": cfg.n_families, "break": BREAK_VARIANT,
                    "break_seeds": list(cfg.break_seeds), "methods": list(cfg.methods)},
@@ -359,6 +404,14 @@ def format_intervals(res: dict[str, Any]) -> str:
             lines.append(
                 f"planted sign flips (`{m}`): {b['n_lessons']} lessons; explosive-growth fits (λ < −0.01/h) "
                 f"{b['n_explosive']}, of them called improving (confident) {b['n_explosive_confident']}")
+    if res.get("planted"):
+        lines += ["", "Planted edge histories (independent lessons, `lab.planted_halflife`; ± binomial s.e.): "
+                  "coverage of planted decaying λ", "",
+                  "| noise shape | decaying lessons | " + " | ".join(f"coverage `{m}`" for m in methods) + " |",
+                  "|---|---|" + "---|" * len(methods)]
+        for name, by_m in res["planted"].items():
+            lines.append(f"| {name} | {by_m[main]['n']} | "
+                         + " | ".join(_pct(by_m[m]["coverage"], by_m[m]["coverage_se"]) for m in methods) + " |")
     lines.append(f"({res['seconds']:.0f} s)")
     return "\n".join(lines)
 
