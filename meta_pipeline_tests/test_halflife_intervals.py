@@ -141,3 +141,25 @@ def test_synth_generator_variation():
     assert noise.kurt() > 1.0  # t(3) tails (a Gaussian's excess kurtosis is 0)
     with pytest.raises(ValueError, match="noise_kind"):
         generate_fleet(**kw, noise_kind="cauchy")
+
+
+def test_cli_evaluate_intervals_prints_per_generator_and_pooled(tmp_path, capsys, monkeypatch):
+    import functools
+    import json
+
+    import meta_pipeline.lab.interval_eval as ie
+    from meta_pipeline.cli import main
+
+    small = functools.partial(ie.IntervalEvalConfig, variants=("default", "heavy_tails_t3"), n_trades=20_000,
+                              planted_lessons=300)
+    monkeypatch.setattr(ie, "IntervalEvalConfig", small)
+    code = main(["evaluate", "--section", "intervals", "--seeds", "1", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| default |" in text and "| heavy_tails_t3 |" in text and "| **pooled** |" in text
+    assert "| noisy_early |" in text  # the planted-history block
+    saved = json.loads((tmp_path / "intervals.json").read_text())
+    pooled = saved["methods"]["robust"]["pooled"]
+    per = saved["methods"]["robust"]["per_variant"]
+    assert pooled["n_decaying"] == sum(v["n_decaying"] for v in per.values()) > 0
+    assert 0.0 <= pooled["coverage"] <= 1.0 and pooled["coverage_se"] >= 0.0
