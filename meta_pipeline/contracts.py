@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -557,6 +558,92 @@ SCOPE_KEY_MAX = trade_scope.c.key.type.length  # 100, a column header: see valid
 SCOPE_VALUE_MAX = trade_scope.c.value.type.length  # 200
 METRIC_NAME_MAX = trade_metrics.c.metric.type.length  # 100, a column header: see validate_trades
 
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Sane limits on one row of a trades file; a row over one is quarantined with the limit in its reason.
+
+    * ``max_cell_chars``: any cell (any column, used or not) longer than this: the row is
+      quarantined with that reason alone, its raw text cut to ``SHOWN_CHARS``;
+    * ``max_patterns``: distinct patterns on one trade;
+    * ``max_scope_keys``: scope keys with a value on one trade (metric names likewise).
+
+    Why: a 60 MB cell or a trade with 300k patterns is an export bug, not data, and would
+    cost memory out of proportion to the file. Configurable through the environment
+    (``META_PIPELINE_MAX_CELL_CHARS``, ``META_PIPELINE_MAX_PATTERNS_PER_TRADE``,
+    ``META_PIPELINE_MAX_SCOPE_KEYS_PER_TRADE``) or passed to ``validate_trades`` /
+    ``ingest_stream.ingest_trades_file``.
+    """
+
+    max_cell_chars: int = 100_000
+    max_patterns: int = 1_000
+    max_scope_keys: int = 200
+
+    SHOWN_CHARS = 2_000  # of an over-limit row's text in its quarantine row
+
+    @classmethod
+    def from_env(cls) -> IngestLimits:
+        def env(name: str, default: int) -> int:
+            text = os.environ.get(name, "").strip()
+            try:
+                return max(1, int(text)) if text else default
+            except ValueError as exc:
+                raise ContractError(f"{name}={text!r}: not a whole number") from exc
+        return cls(env("META_PIPELINE_MAX_CELL_CHARS", cls.max_cell_chars),
+                   env("META_PIPELINE_MAX_PATTERNS_PER_TRADE", cls.max_patterns),
+                   env("META_PIPELINE_MAX_SCOPE_KEYS_PER_TRADE", cls.max_scope_keys))
+
+    def shown(self, text: str) -> str:
+        if len(text) <= self.SHOWN_CHARS:
+            return text
+        return text[:self.SHOWN_CHARS] + f"… ({len(text):,} characters in all)"
+
+    def cell_reason(self, column: object) -> str:
+        return f"cell {_shown_name(column)!r} longer than {self.max_cell_chars:,} characters (the ingest cell limit)"
+
+    def record_problem(self, obj: dict) -> str:
+        """Why a JSON record is over a limit ("" = it is not); checked before flattening, so a
+        record with 300k scope keys never becomes 300k columns."""
+        for key, value in obj.items():
+            if isinstance(value, str) and len(value) > self.max_cell_chars:
+                return self.cell_reason(key)
+            if isinstance(value, dict):
+                what = {"scope": "scope keys", "metrics": "metric names", "knobs": "knobs"}.get(key)
+                if what and len(value) > self.max_scope_keys:
+                    return f"more than {self.max_scope_keys:,} {what} (the ingest limit per trade)"
+                if any(isinstance(v, str) and len(v) > self.max_cell_chars for v in value.values()):
+                    return self.cell_reason(key)
+            if isinstance(value, list):
+                if key == "patterns" and len(value) > self.max_patterns:
+                    return f"more than {self.max_patterns:,} patterns (the ingest limit per trade)"
+                if sum(len(v) for v in value if isinstance(v, str)) > self.max_cell_chars:
+                    return self.cell_reason(key)
+        return ""
+
+    def cell_problems(self, raw: pd.DataFrame) -> dict:
+        """Row label -> (reason, the row's text, cut) of the rows holding a cell over ``max_cell_chars``."""
+        over = np.zeros(len(raw), dtype=bool)
+        first_col: dict[int, object] = {}
+        for col in raw.columns:
+            series = raw[col]
+            if isinstance(series.dtype, pd.StringDtype) and series.dtype.storage == "pyarrow":
+                lengths = pc.utf8_length(_arrow_text(series)).to_numpy(zero_copy_only=False)
+                hit = np.nan_to_num(np.asarray(lengths, dtype=float), nan=0.0) > self.max_cell_chars
+            elif series.dtype == object:
+                hit = np.fromiter((isinstance(v, str) and len(v) > self.max_cell_chars for v in series.tolist()),
+                                  dtype=bool, count=len(series))
+            else:
+                continue
+            for pos in np.flatnonzero(hit & ~over).tolist():
+                first_col[pos] = col
+            over |= hit
+        out = {}
+        for pos in np.flatnonzero(over).tolist():
+            text = ",".join("" if _missing(v) else str(v) for v in raw.iloc[pos].tolist())
+            out[raw.index[pos]] = (self.cell_reason(first_col[pos]), self.shown(text))
+        return out
+
+
 # One timestamp range rule for every row of every input file (closed_at, ts): a timestamp
 # is accepted when, converted to UTC, it falls in the years 1970 through 2200,
 # TIMESTAMP_MIN <= t < TIMESTAMP_END; outside, the row is quarantined as "<column> out of
@@ -887,13 +974,35 @@ def _read_csv_robust(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     header says is kept as a row with its problem (``ReadNotes.row_problems``): a missing
     field is "" as in pandas, an extra one dropped. Rejected whole: no header line, a
     binary (NUL) or unparsable header line, a first line that is JSON.
+    (``ingest_stream`` reads a large file span by span through the same two steps.)
     """
-    data = path.read_bytes()
+    data, offset = _csv_bytes(path.read_bytes())
+    lines = _CsvLines(data, offset)
+    header = _csv_header(path, data, lines)
+    table, all_lines, row_problems, _ = _csv_records(lines, header, header.after_header, lines.n)
+    return _csv_frame(table, row_problems, header), all_lines
+
+
+def _csv_bytes(data: bytes) -> tuple[bytes, int]:
+    """(the bytes after a UTF-8 BOM, the BOM's length); classic Mac line ends (CR alone) made LF."""
     offset = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     data = data[offset:]
     if b"\n" not in data and b"\r" in data:  # classic Mac line ends: CR alone ends a line
         data = data.replace(b"\r", b"\n")
-    lines = _CsvLines(data, offset)
+    return data, offset
+
+
+@dataclass
+class _CsvHeader:
+    after_header: int  # index of the line after the header record (records start there)
+    width: int
+    names: list[str]  # frame column names (deduplicated like pandas)
+    column_problems: dict[str, str]
+    bad_utf8: bool
+
+
+def _csv_header(path: Path, data: bytes, lines: _CsvLines) -> _CsvHeader:
+    """The header record (the first line that is not blank), its names and their problems."""
     h = 0
     while h < lines.n and (lines.blank[h] or not lines.text(h).strip()):
         h += 1
@@ -930,15 +1039,30 @@ def _read_csv_robust(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
             column_problems[name] = f"duplicate column name {named[k]!r}"
         elif not_utf8[k]:
             column_problems[name] = "name is not UTF-8"
+    return _CsvHeader(after_header, width, names, column_problems, header_bad_utf8)
 
+
+def _csv_records(lines: _CsvLines, header: _CsvHeader, start: int, stop: int
+                 ) -> tuple[pa.Table, np.ndarray, dict[int, tuple[str, str]], int]:
+    """The records that start on lines ``start``..``stop - 1`` (0-based indices into ``lines``).
+
+    Returns (a table of text with columns c0.., the 1-based line of each row within
+    ``lines``, row position -> problem, the index of the line after the last record). A
+    record starting before ``stop`` may go on past it (a quoted field over several lines):
+    the next span then starts after it. Each record depends only on its own lines and at
+    most ``_CSV_MAX_RECORD_LINES`` after them, so spans read this way give the rows of the
+    whole file exactly.
+    """
+    width = header.width
     simple = ~lines.blank & ~lines.bad & (lines.quotes == 0) & (lines.inner_cr == 0) & (lines.commas == width - 1)
-    simple[:after_header] = False
+    simple[:start] = False
+    simple[stop:] = False
     others = np.flatnonzero(~simple & ~lines.blank)
-    others = others[others >= after_header]
+    others = others[(others >= start) & (others < stop)]
     rec_lines: list[int] = []
     rec_fields: list[list[str]] = []
     rec_problems: dict[int, tuple[str, str]] = {}
-    last = after_header - 1
+    last = start - 1
     for i in others.tolist():
         if i <= last:
             continue
@@ -979,10 +1103,16 @@ def _read_csv_robust(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     all_lines[final_position] = rec_line_arr
     all_lines[~is_record] = simple_idx + 1
     row_problems = {int(final_position[k]): p for k, p in rec_problems.items()}
-    raw = table.rename_columns(names).to_pandas(types_mapper=lambda t: _TEXT_DTYPE if pa.types.is_string(t) else None)
-    raw.attrs["read_notes"] = ReadNotes("csv", row_problems=row_problems, column_problems=column_problems,
-                                        header_note="the header line is not UTF-8 text" if header_bad_utf8 else "")
-    return raw, all_lines
+    return table, all_lines, row_problems, max(stop, last + 1)
+
+
+def _csv_frame(table: pa.Table, row_problems: dict, header: _CsvHeader) -> pd.DataFrame:
+    """The raw frame of ``_csv_records``' table, with its ``ReadNotes``."""
+    raw = table.rename_columns(header.names).to_pandas(
+        types_mapper=lambda t: _TEXT_DTYPE if pa.types.is_string(t) else None)
+    raw.attrs["read_notes"] = ReadNotes("csv", row_problems=row_problems, column_problems=header.column_problems,
+                                        header_note="the header line is not UTF-8 text" if header.bad_utf8 else "")
+    return raw
 
 
 def _simple_csv_lines(lines: _CsvLines, idx: np.ndarray, columns: list[str]) -> pa.Table:
@@ -1020,11 +1150,24 @@ def _read_json_lines(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """
     data = path.read_bytes()
     offset = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    records, lines_list, errors = _json_lines_records(data[offset:], offset, 1)
+    if not records:
+        if not errors:
+            raise ContractError(f"{path}: empty file (no JSON object, only blank lines)")
+        line, reason, _ = errors[0]
+        raise ContractError(f"{path}: not JSON Lines: no line is a JSON object (line {line}: {reason})")
+    return _json_lines_frame(records, errors), np.asarray(lines_list, dtype=np.int64)
+
+
+def _json_lines_records(data: bytes, start: int, first_line: int
+                        ) -> tuple[list[dict], list[int], list[tuple[int, str, str]]]:
+    """The JSON objects of ``data`` (whole lines of a file, the first one numbered ``first_line``,
+    starting at byte ``start`` of the file): (flattened records, their lines, line errors)."""
     records: list[dict] = []
     lines_list: list[int] = []
     errors: list[tuple[int, str, str]] = []
-    start = offset
-    for lineno, chunk in enumerate(data[offset:].split(b"\n"), start=1):
+    limits = IngestLimits.from_env()
+    for lineno, chunk in enumerate(data.split(b"\n"), start=first_line):
         line_start, start = start, start + len(chunk) + 1
         if not chunk.strip():
             continue
@@ -1044,23 +1187,34 @@ def _read_json_lines(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
             errors.append((lineno, f"unparsable JSON: line is not a JSON object (a JSON {_json_type(obj)})",
                            text.rstrip("\r")))
             continue
+        over = limits.record_problem(obj)
+        if over:
+            errors.append((lineno, over, limits.shown(text.rstrip("\r"))))
+            continue
         records.append(_flatten_json_record(obj))
         lines_list.append(lineno)
-    if not records:
-        if not errors:
-            raise ContractError(f"{path}: empty file (no JSON object, only blank lines)")
-        line, reason, _ = errors[0]
-        raise ContractError(f"{path}: not JSON Lines: no line is a JSON object (line {line}: {reason})")
+    return records, lines_list, errors
+
+
+def _json_lines_frame(records: list[dict], errors: list[tuple[int, str, str]], columns: list[str] | None = None,
+                      column_problems: dict[str, str] | None = None) -> pd.DataFrame:
+    """The raw frame of JSON records. Read in spans, ``columns`` and ``column_problems`` are the
+    whole file's (every span's frame has the same columns, in the order a whole read gives)."""
     # a key that is not Unicode text (a "\ud800" escape) cannot even name a column: shown escaped, ignored
-    column_problems = {}
-    bad_keys = {k for k in set().union(*records) if _SURROGATE_RE.search(k)}
+    problems: dict[str, str] = {}
+    bad_keys = {k for k in set().union(*records) if _SURROGATE_RE.search(k)} if records else set()
     if bad_keys:
         renamed = {k: k.encode("utf-8", "backslashreplace").decode("utf-8") for k in bad_keys}
         records = [{renamed.get(k, k): v for k, v in r.items()} for r in records]
-        column_problems = {name: "name is not valid Unicode text" for name in renamed.values()}
-    raw = pd.DataFrame(records, dtype=object)
-    raw.attrs["read_notes"] = ReadNotes("jsonl", line_errors=errors, column_problems=column_problems)
-    return raw, np.asarray(lines_list, dtype=np.int64)
+        problems = {name: "name is not valid Unicode text" for name in renamed.values()}
+    if columns is None:
+        raw = pd.DataFrame(records, dtype=object)
+    else:
+        raw = pd.DataFrame(records, dtype=object).reindex(columns=columns)
+        raw = raw.astype(object) if len(raw.columns) else raw
+        problems = dict(column_problems or {})
+    raw.attrs["read_notes"] = ReadNotes("jsonl", line_errors=errors, column_problems=problems)
+    return raw
 
 
 def _json_type(value: object) -> str:
@@ -1639,7 +1793,9 @@ def _explode_pattern_objects(values: pd.Series) -> _Patterns:
     return _Patterns(frame, not_text, not_unicode, too_long, nul)
 
 
-def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str) -> TradesBatch:
+def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source: str,
+                    limits: IngestLimits | None = None,
+                    repeated_later: Callable[[pa.Array, np.ndarray], np.ndarray] | None = None) -> TradesBatch:
     """Validate a raw trades frame against the contract.
 
     Bad rows go to the quarantine frame with their line and every reason; good rows
@@ -1665,9 +1821,20 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     A trade id repeated in the file keeps its last row (like a re-ingest); the earlier rows
     are quarantined ("repeated later") and counted in ``duplicates_in_file``. A row the
     reader could not read takes no part in this (its id is not trustworthy).
+    ``repeated_later(trade_ids, candidates)``: which candidate rows are repeated later in the
+    *file* when ``raw`` is one span of it (``ingest_stream``); by default, later in ``raw``.
+
+    Limits (``IngestLimits``): a row with a cell over ``max_cell_chars`` is quarantined like a
+    row the reader could not read (that reason alone, its text cut); more than
+    ``max_patterns`` patterns or ``max_scope_keys`` scope keys (or metric names) is a reason.
     """
     validate_domain(domain)
+    limits = limits or IngestLimits.from_env()
     notes = _read_notes(raw)
+    over_limit = limits.cell_problems(raw)
+    if over_limit:  # as a row the reader could not read: a problem the reader found keeps precedence
+        notes = ReadNotes(notes.format, {**over_limit, **notes.row_problems}, notes.line_errors,
+                          notes.column_problems, notes.header_note)
     line_bad = _line_error_rows(notes, "trades", domain, source)
     if raw.empty and not line_bad.empty:
         return TradesBatch(*(_empty_trades_frames()), quarantine=line_bad, n_rows=len(line_bad))
@@ -1695,6 +1862,8 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
     _add_reason(reasons, (patterns_per_row == 0) & ~exploded.not_text & ~exploded.not_unicode, "empty patterns")
     _add_reason(reasons, exploded.nul, "patterns contains a NUL character")
     _add_reason(reasons, exploded.too_long, f"pattern longer than {PATTERN_MAX} characters")
+    _add_reason(reasons, patterns_per_row > limits.max_patterns,
+                f"more than {limits.max_patterns:,} patterns (the ingest limit per trade)")
     if "strategy_id" in raw.columns:
         strategy = _checked_text(raw, "strategy_id", reasons, limit=STRATEGY_ID_MAX)
         strategy = pc.if_else(pc.equal(strategy, ""), "default", strategy)
@@ -1709,10 +1878,18 @@ def validate_trades(raw: pd.DataFrame, lines: np.ndarray, *, domain: str, source
         values, given = _number_cells(raw[col])
         _add_reason(reasons, given & ~np.isfinite(values), f"{col} is not a finite number")
         metric_values[name] = values
+    if len(scope_values) > limits.max_scope_keys:
+        keys_per_row = sum(_mask(pc.not_equal(v, "")).astype(np.int64) for v in scope_values.values())
+        _add_reason(reasons, keys_per_row > limits.max_scope_keys,
+                    f"more than {limits.max_scope_keys:,} scope keys (the ingest limit per trade)")
+    if len(metric_values) > limits.max_scope_keys:
+        names_per_row = sum(np.isfinite(v).astype(np.int64) for v in metric_values.values())
+        _add_reason(reasons, names_per_row > limits.max_scope_keys,
+                    f"more than {limits.max_scope_keys:,} metric names (the ingest limit per trade)")
 
     # a trade id appearing twice in one file: the last one wins, like a re-ingest
     problem = _read_problem_rows(reasons, raw, notes)
-    dup = _duplicated_last_among(trade_id, ~id_empty & ~problem)
+    dup = (repeated_later or _duplicated_last_among)(trade_id, ~id_empty & ~problem)
     _add_reason(reasons, dup, "trade_id repeated later in the same file (later row kept)")
 
     bad = (reasons != "").to_numpy()

@@ -36,6 +36,7 @@ from meta_pipeline.contracts import (
     validate_telemetry,
     validate_trades,
 )
+from meta_pipeline.ingest_stream import ingest_trades_file
 from meta_pipeline.store import MetaStore
 
 @dataclass
@@ -214,11 +215,15 @@ def ingest_file(store: MetaStore, kind: str, path: str | Path, domain: str) -> I
     path = Path(path)
     if not path.is_file():
         raise ContractError(f"{path}: no such file")
-    raw, lines = read_input_file(path)
     # the path as stored text: a file name that is not UTF-8 is kept visible (\xNN), never a database error
     source = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    if kind == "trades":
-        return ingest_trades_frame(store, raw, lines, domain=domain, source=source)
+    if kind == "trades":  # span by span, in bounded memory (ingest_stream); one transaction all the same
+        landed = ingest_trades_file(store, path, domain=domain, source=source)
+        return IngestReport(domain, "trades", source, rows_read=landed.rows_read, ingested=landed.ingested,
+                            replaced=landed.replaced, quarantined=landed.quarantined,
+                            reasons=dict(landed.reasons.most_common(8)), ignored_columns=landed.ignored_columns,
+                            duplicates_in_file=landed.duplicates_in_file)
+    raw, lines = read_input_file(path)
     if kind == "feedback":
         return ingest_feedback_frame(store, raw, lines, task=domain, source=source)
     if kind == "backtests":

@@ -492,20 +492,39 @@ class MetaStore:
         """
         validate_domain(domain)
         with self.write() as conn:
-            lock_partition(conn, "trades", domain)
-            existing = self.read("trades", domain=domain, columns=["trade_id"], conn=conn)["trade_id"]
-            batch_ids = trades["trade_id"]
-            replaced = len(set(existing.to_numpy()).intersection(batch_ids.to_numpy()))
-            holding = [name for name in ("trade_patterns", "trade_scope", "trade_metrics")
-                       if self._has_rows(conn, name, domain)]
-            self._delete_keys(conn, (["trades"] if replaced else []) + holding, domain, "trade_id", batch_ids)
-            ingested = insert_frame(conn, table("trades"), trades.assign(ingested_at=now))
-            insert_frame(conn, table("trade_patterns"), patterns)
-            insert_frame(conn, table("trade_scope"), scope)
-            insert_frame(conn, table("trade_metrics"), metrics)
-            quarantined = insert_frame(conn, table("quarantine"), quarantine.assign(quarantined_at=now))
+            prior = self.trades_partition_prior(conn, domain)
+            ingested, replaced, quarantined = self.land_trades_rows(conn, prior, trades, patterns, scope, metrics,
+                                                                    quarantine, domain=domain, now=now)
             self.record_batch(conn, domain, "trades", source, ingested, quarantined, now)
         return ingested, replaced, quarantined
+
+    def trades_partition_prior(self, conn: Connection, domain: str) -> list[str]:
+        """Take the trades partition's lock; the trade tables holding rows of ``domain`` before this
+        transaction (the only ones a landed trade id can collide with)."""
+        validate_domain(domain)
+        lock_partition(conn, "trades", domain)
+        return [name for name in ("trades", "trade_patterns", "trade_scope", "trade_metrics")
+                if self._has_rows(conn, name, domain)]
+
+    def land_trades_rows(self, conn: Connection, prior: list[str], trades: pd.DataFrame, patterns: pd.DataFrame,
+                         scope: pd.DataFrame, metrics: pd.DataFrame, quarantine: pd.DataFrame, *, domain: str,
+                         now: pd.Timestamp) -> tuple[int, int, int]:
+        """Insert validated trade rows (one file, or one span of it) inside the caller's transaction.
+
+        Every row of a re-sent trade goes first, child rows included (also those left behind
+        by a trades partition replaced without its children: keyed by trade id, they would
+        collide), from the tables in ``prior`` (``trades_partition_prior``): the ids of one
+        file are distinct (``validate_trades``), so rows landed earlier in the same
+        transaction never collide. ``replaced`` is the DELETE's row count: no read of every
+        id of the domain. Returns (ingested, replaced, quarantined).
+        """
+        deleted = self._delete_keys(conn, prior, domain, "trade_id", trades["trade_id"])
+        ingested = insert_frame(conn, table("trades"), trades.assign(ingested_at=now))
+        insert_frame(conn, table("trade_patterns"), patterns)
+        insert_frame(conn, table("trade_scope"), scope)
+        insert_frame(conn, table("trade_metrics"), metrics)
+        quarantined = insert_frame(conn, table("quarantine"), quarantine.assign(quarantined_at=now))
+        return ingested, deleted.get("trades", 0), quarantined
 
     def write_telemetry_batch(self, telemetry: pd.DataFrame, quarantine: pd.DataFrame, *, domain: str,
                               source: str, now: pd.Timestamp) -> tuple[int, int, int]:
@@ -547,7 +566,8 @@ class MetaStore:
         return conn.execute(select(tbl.c.domain).where(tbl.c.domain == domain).limit(1)).first() is not None
 
     @staticmethod
-    def _delete_keys(conn: Connection, table_names: list[str], domain: str, column: str, keys: pd.Series) -> None:
+    def _delete_keys(conn: Connection, table_names: list[str], domain: str, column: str,
+                     keys: pd.Series) -> dict[str, int]:
         """Delete the rows of ``domain`` whose ``column`` is one of ``keys``, from each table.
 
         The keys are staged once in a temporary table (bulk insert) and every DELETE joins
@@ -555,20 +575,23 @@ class MetaStore:
         lists cost SQLAlchemy a compile per 500 keys — ~20 s of deleting when a 1M-trade
         file was sent again — and a per-key executemany was slower still. The table is
         created and dropped inside the caller's transaction (DDL is transactional on
-        SQLite and PostgreSQL): an error rolls the CREATE back too.
+        SQLite and PostgreSQL): an error rolls the CREATE back too. Returns the rows deleted per table.
         """
         if not table_names or len(keys) == 0:
-            return
+            return {}
         first = table(table_names[0])
         staged = Table(STAGED_KEYS, MetaData(), Column("key", first.c[column].type, nullable=False),
                        prefixes=["TEMPORARY"])
         staged.create(conn)
         insert_frame(conn, staged, pd.DataFrame({"key": pd.Series(keys).drop_duplicates().to_numpy()}))
+        deleted = {}
         for name in table_names:
             tbl = table(name)
             mark_written(conn, name)
-            conn.execute(delete(tbl).where(tbl.c.domain == domain, tbl.c[column].in_(select(staged.c.key))))
+            result = conn.execute(delete(tbl).where(tbl.c.domain == domain, tbl.c[column].in_(select(staged.c.key))))
+            deleted[name] = int(result.rowcount or 0)
         staged.drop(conn)
+        return deleted
 
     # -- generic feedback (tasks) --
     # A task (any model whose outputs someone rates) partitions its tables by a `task`
