@@ -117,6 +117,9 @@ class KnobTuningConfig:
     tuning_days: float = 30.0
     sweep_points: int = 5  # per float knob
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    # a variant beside it (not the target's arm): trust regions as wide as a knob's whole range — paired
+    # trials measure a move precisely and roll back a bad one on a few hundred trades
+    controller_wide: ControllerConfig = field(default_factory=lambda: ControllerConfig(initial_step=0.5, max_step=1.0))
 
 
 def _sweep_values(name: str, points: int) -> list[float]:
@@ -270,6 +273,7 @@ def run_fleet(situation: str, seed: int, cfg: KnobTuningConfig) -> dict[str, Any
     fits = _Fits(frames)
     oracle = oracle_sweep(fits, train_end, holdout, cfg.sweep_points)
     controller = run_controller(fits, grid, cfg.controller, seed)
+    wide = run_controller(fits, grid, cfg.controller_wide, seed)
     tpe = run_tpe(fits, grid, seed)
     y = holdout.trades["return_r"].to_numpy(dtype=float)
     mse_zero = float(np.mean(y * y))
@@ -277,9 +281,10 @@ def run_fleet(situation: str, seed: int, cfg: KnobTuningConfig) -> dict[str, Any
            "n_trades": len(frames.trades), "n_holdout": len(holdout.trades), "mse_zero": mse_zero,
            "defaults_mse": oracle["defaults_mse"], "oracle": oracle,
            "controller": {**controller, "mse": heldout_mse(fits, controller["knobs"], train_end, holdout)},
+           "controller_wide": {**wide, "mse": heldout_mse(fits, wide["knobs"], train_end, holdout)},
            "tpe": {**tpe, "mse": heldout_mse(fits, tpe["knobs"], train_end, holdout)}}
     base = out["defaults_mse"]
-    for arm in ("controller", "tpe"):
+    for arm in ("controller", "controller_wide", "tpe"):
         p_def = predict_edges(fits.get(default_knobs(), train_end), holdout)
         p_arm = predict_edges(fits.get(out[arm]["knobs"], train_end), holdout)
         out[arm]["paired_vs_defaults"] = paired_score(y, p_def, p_arm).to_dict()
@@ -299,7 +304,7 @@ def knob_tuning_section(cfg: KnobTuningConfig = KnobTuningConfig(),
             fleets.append(res)
             if progress:
                 progress(f"{situation} seed {seed}: defaults {res['defaults_mse']:.5f}, controller "
-                         f"{res['controller']['mse']:.5f}, TPE {res['tpe']['mse']:.5f}, oracle {res['oracle']['mse']:.5f} "
+                         f"{res['controller']['mse']:.5f} (wide {res['controller_wide']['mse']:.5f}), TPE {res['tpe']['mse']:.5f}, oracle {res['oracle']['mse']:.5f} "
                          f"({res['n_fits']} fits, {res['seconds']:.0f} s)")
     return {"config": {"situations": list(cfg.situations), "seeds": list(cfg.seeds), "n_cycles": cfg.n_cycles,
                        "n_trades": cfg.n_trades, "tuning_days": cfg.tuning_days},
@@ -314,6 +319,7 @@ def summarize(fleets: Sequence[dict[str, Any]]) -> dict[str, Any]:
     oracle = float(sum(f["oracle"]["improvement"] for f in fleets))
     ctrl = float(sum(f["controller"]["improvement"] for f in fleets))
     tpe = float(sum(f["tpe"]["improvement"] for f in fleets))
+    wide = float(sum(f["controller_wide"]["improvement"] for f in fleets))
     share = _share(ctrl, oracle)
     per_situation = {}
     for situation in dict.fromkeys(f["situation"] for f in fleets):
@@ -322,11 +328,16 @@ def summarize(fleets: Sequence[dict[str, Any]]) -> dict[str, Any]:
         per_situation[situation] = {
             "oracle_improvement": o,
             "controller_share": _share(sum(f["controller"]["improvement"] for f in group), o),
+            "controller_wide_share": _share(sum(f["controller_wide"]["improvement"] for f in group), o),
             "tpe_share": _share(sum(f["tpe"]["improvement"] for f in group), o),
             "effects": {n: float(np.mean([f["oracle"]["effects"][n] for f in group])) for n in LEARNING_KNOBS},
         }
     return {"oracle_improvement": oracle, "controller_improvement": ctrl, "tpe_improvement": tpe,
             "controller_share": share, "tpe_share": _share(tpe, oracle),
+            "controller_wide_improvement": wide, "controller_wide_share": _share(wide, oracle),
+            "controller_wide_rollbacks": int(sum(f["controller_wide"]["rollbacks"] for f in fleets)),
+            "controller_wide_reverts": int(sum(f["controller_wide"]["reverts"] for f in fleets)),
+            "controller_wide_accepts": int(sum(f["controller_wide"]["accepts"] for f in fleets)),
             "target_met": bool(share is not None and share >= TARGET_SHARE),
             "rollbacks": int(sum(f["controller"]["rollbacks"] for f in fleets)),
             "reverts": int(sum(f["controller"]["reverts"] for f in fleets)),
@@ -355,6 +366,13 @@ def format_knob_tuning(res: dict[str, Any]) -> str:
                      f"{f['defaults_mse']:.5f} | {c['mse']:.5f} ({c['improvement']:+.5f}) | {t['mse']:.5f} "
                      f"({t['improvement']:+.5f}) | {o['mse']:.5f} ({o['improvement']:+.5f}) | {_fmt_knobs(c['knobs'])} | "
                      f"{_fmt_knobs(t['knobs'])} | {_fmt_knobs(o['knobs'])} | {c['rollbacks']} / {c['reverts']} / {c['accepts']} |")
+    lines += ["", "Variant (not the target's arm): the controller with trust regions as wide as a knob's range "
+              "(initial_step 0.5, max_step 1.0)", "",
+              "| fleet | seed | held-out MSE | improvement | knobs | rollbacks / reverts / accepts |", "|---|---|---|---|---|---|"]
+    for f in res["fleets"]:
+        w = f["controller_wide"]
+        lines.append(f"| {f['situation']} | {f['seed']} | {w['mse']:.5f} | {w['improvement']:+.5f} | {_fmt_knobs(w['knobs'])} | "
+                     f"{w['rollbacks']} / {w['reverts']} / {w['accepts']} |")
     lines += ["", "Per-knob effect size: held-out MSE at the knob's high bound minus at its low bound (others at defaults), "
               "mean over seeds", "",
               "| fleet | " + " | ".join(LEARNING_KNOBS) + " | oracle improvement | controller share | TPE share |",
@@ -370,6 +388,10 @@ def format_knob_tuning(res: dict[str, Any]) -> str:
               f"pooled over fleets: oracle improvement {s['oracle_improvement']:+.5f}, controller {s['controller_improvement']:+.5f} "
               f"(share {share}), TPE {s['tpe_improvement']:+.5f} (share {tshare}); controller rollbacks {s['rollbacks']}, "
               f"reverts {s['reverts']}, accepts {s['accepts']}",
+              f"variant with wide trust regions: {s['controller_wide_improvement']:+.5f} (share "
+              + ("n/a" if s["controller_wide_share"] is None else f"{s['controller_wide_share']:.2f}")
+              + f"), rollbacks {s['controller_wide_rollbacks']}, reverts {s['controller_wide_reverts']}, "
+              f"accepts {s['controller_wide_accepts']}",
               f"target: controller ≥ {TARGET_SHARE:.0%} of the oracle sweep's improvement within {cfg['n_cycles']} cycles — "
               f"{'MET' if s['target_met'] else 'NOT MET'}"]
     return "\n".join(lines)
