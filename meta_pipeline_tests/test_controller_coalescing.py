@@ -68,3 +68,17 @@ def test_rule_and_setting(monkeypatch) -> None:
     assert controller_coalesce_seconds() == 300.0
     cursor = DataSensorCursor(requested_at={"dom0": 5.0})
     assert DataSensorCursor.parse(cursor.dump()).requested_at == {"dom0": 5.0}
+
+
+def test_bench_day_simulation_counts_runs_by_hand() -> None:
+    """The bench's simulated day (lab/bench.py), checked by hand: batches every 7.2 s, ticks every 15 s.
+
+    One run per batch: every tick from 15 s on finds a batch newer than the last run covered
+    (a run covers what landed 5 s after its request) -> 86400/15 - 1 = 5759 runs. Coalesced
+    at 300 s: one run per 300 s -> 86400/300 = 288. Nothing landing: no run."""
+    from meta_pipeline.lab.bench import simulate_controller_day
+
+    assert simulate_controller_day(100, 25 / 3, 0.0)["runs_per_domain"] == 5759
+    assert simulate_controller_day(100, 25 / 3, 300.0) == {"runs_per_domain": 288.0, "runs": 28_800.0,
+                                                           "batches_per_domain": 12_000.0}
+    assert simulate_controller_day(1, 1 / 60, 300.0)["runs_per_domain"] == 24  # one batch an hour: one run each

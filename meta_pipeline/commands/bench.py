@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--tier", choices=TIER_CHOICES, default="small",
-                   help="small | medium | large | all (all: every tier, so scaling exponents can be fitted)")
+                   help="small | medium | large | xlarge (5M) | all (small+medium+large) | scale "
+                        "(medium+large+xlarge: the exponents across 100k/1M/5M)")
     p.add_argument("--out", default="bench_out", help="folder for report.md, report.json, scaling.png (default bench_out)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object instead of the table")
     p.add_argument("--repeat", type=int, default=1, help="repeat each timing N times and report medians (default 1)")
@@ -31,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds a naive baseline may take before it is timed on a sample and extrapolated (default 60)")
     p.add_argument("--no-dagster", action="store_true", help="skip the `dagster asset materialize` measurements")
     p.add_argument("--no-fleet", action="store_true", help="skip the 20-domain fleet of the large tier")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baselines (minutes at 5M trades)")
+    p.add_argument("--no-controller-day", action="store_true",
+                   help="skip the controller runs and Dagster storage per simulated day at 100 domains")
     p.add_argument("--trades", type=int, nargs="+", default=None, help=argparse.SUPPRESS)  # explicit sizes (tests)
     p.add_argument("--keep-data", action="store_true", help="keep the generated files and databases under OUT/work")
     p.set_defaults(func=cmd_bench)
@@ -45,7 +49,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # absolute before use: the bench starts worker processes and a DAGSTER_HOME under --out in other folders
     out = abs_path(args.out)
     opts = BenchOptions(repeat=args.repeat, seed=args.seed, naive_budget_s=args.naive_budget,
-                        dagster=not args.no_dagster, fleet=not args.no_fleet, keep_data=args.keep_data)
+                        dagster=not args.no_dagster, fleet=not args.no_fleet, naive=not args.no_naive,
+                        controller_day=not args.no_controller_day,
+                        keep_data=args.keep_data)
     command = "meta-pipeline " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("meta-pipeline") else None
     progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
     result = run_bench(args.tier, out, opts, sizes=args.trades, command=command, progress=progress)  # BenchError: exit 1

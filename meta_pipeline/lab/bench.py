@@ -77,14 +77,17 @@ TIERS: dict[str, Tier] = {
     "small": Tier("small", 10_000),
     "medium": Tier("medium", 100_000),
     "large": Tier("large", 1_000_000, fleet_domains=20, fleet_trades=50_000),
+    "xlarge": Tier("xlarge", 5_000_000),
 }
-TIER_CHOICES = (*TIERS, "all")
+# `all` = small, medium, large; `scale` = medium, large, xlarge (the exponents across 100k/1M/5M)
+GROUPS: dict[str, tuple[str, ...]] = {"all": ("small", "medium", "large"), "scale": ("medium", "large", "xlarge")}
+TIER_CHOICES = (*TIERS, *GROUPS)
 
 
 def tiers_for(choice: str) -> list[Tier]:
     """`all` runs every tier, smallest first (the exponents need at least two sizes)."""
-    if choice == "all":
-        return sorted(TIERS.values(), key=lambda t: t.n_trades)
+    if choice in GROUPS:
+        return sorted((TIERS[name] for name in GROUPS[choice]), key=lambda t: t.n_trades)
     if choice not in TIERS:
         raise ValueError(f"unknown tier {choice!r}: use one of {', '.join(TIER_CHOICES)}")
     return [TIERS[choice]]
@@ -98,6 +101,8 @@ class BenchOptions:
     dagster: bool = True  # measure `dagster asset materialize`
     dagster_multiprocess_max_trades: int = 10_000  # above this, the multiprocess runs are skipped (minutes each)
     fleet: bool = True
+    controller_day: bool = True  # controller runs + Dagster storage per simulated day at 100 domains
+    naive: bool = True  # time the naive baselines (minutes at 5M: --no-naive skips them)
     keep_data: bool = False
     # tests: run the stages in this process (no per-stage memory figures, no process start-up)
     workers_in_process: bool = False
@@ -143,13 +148,14 @@ def exponents_of(sizes: list[dict[str, Any]]) -> dict[str, float | None]:
     if not sizes:
         return {}
     n = [s["n_trades"] for s in sizes]
-    names = ["ingest", *sizes[0]["assets"].keys(), "learning_pass", "floor"]
+    names = ["ingest", *(["ingest_floor"] if all("ingest_floor" in s for s in sizes) else []),
+             *sizes[0]["assets"].keys(), "learning_pass", "floor"]
     out: dict[str, float | None] = {}
     for name in names:
         times = []
         for s in sizes:
-            if name == "ingest":
-                times.append(s["ingest"]["wall_s"])
+            if name in ("ingest", "ingest_floor"):
+                times.append(s[name]["wall_s"])
             elif name == "learning_pass":
                 times.append(s["learning_pass"]["wall_s"])
             elif name == "floor":
@@ -190,6 +196,7 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
                                     "met": None if fr is None else fr <= TARGET_FLOOR_RATIO}
     else:
         out["large_wall_s"] = out["large_peak_mib"] = out["large_floor_ratio"] = {"value": None, "met": None}
+    out.update(scale_targets(result))
     exps = {k: v for k, v in result.get("exponents", {}).items() if k not in ("learning_pass_cpu",) and v is not None}
     worst = max(exps.items(), key=lambda kv: kv[1]) if exps else None
     out["max_exponent"] = {
@@ -198,6 +205,44 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
         "limit": TARGET_EXPONENT,
         "met": None if worst is None else worst[1] <= TARGET_EXPONENT,
     }
+    return out
+
+
+# issue 17 (scale): 1M < 30 s and < 3 GiB; ingest < 1 GiB at any size and within 1.5× its floor;
+# 5M complete, < 8 GiB, time <= 5.5× the 1M time
+SCALE_1M_WALL_S, SCALE_1M_PEAK_MIB = 30.0, 3072.0
+INGEST_PEAK_MIB, INGEST_FLOOR_RATIO = 1024.0, 1.5
+SCALE_5M_PEAK_MIB, SCALE_5M_TIME_RATIO = 8192.0, 5.5
+
+
+def _total(size: dict[str, Any]) -> float:
+    return size["ingest"]["wall_s"] + size["learning_pass"]["wall_s"]
+
+
+def _peak(size: dict[str, Any]) -> float:
+    return max(size["ingest"]["peak_rss_mib"], size["learning_pass"]["peak_rss_mib"])
+
+
+def scale_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The scale targets: each with its measured figure, limit and whether it is met (None: not measured)."""
+    by_n = {s["n_trades"]: s for s in result.get("sizes", [])}
+    m1, m5 = by_n.get(1_000_000), by_n.get(5_000_000)
+    out: dict[str, Any] = {}
+
+    def judge(key: str, value: float | None, limit: float) -> None:
+        out[key] = {"value": value, "limit": limit, "met": None if value is None else value < limit}
+
+    judge("1M_total_wall_s", _total(m1) if m1 else None, SCALE_1M_WALL_S)
+    judge("1M_peak_mib", _peak(m1) if m1 else None, SCALE_1M_PEAK_MIB)
+    for label, size in (("1M", m1), ("5M", m5)):
+        judge(f"{label}_ingest_peak_mib", size["ingest"]["peak_rss_mib"] if size else None, INGEST_PEAK_MIB)
+        fr = size.get("ingest_floor_ratio") if size else None
+        out[f"{label}_ingest_floor_ratio"] = {"value": fr, "limit": INGEST_FLOOR_RATIO,
+                                              "met": None if fr is None else fr <= INGEST_FLOOR_RATIO}
+    judge("5M_peak_mib", _peak(m5) if m5 else None, SCALE_5M_PEAK_MIB)
+    tr = ratio(_total(m5), _total(m1)) if m1 and m5 else None
+    out["5M_time_over_1M"] = {"value": tr, "limit": SCALE_5M_TIME_RATIO,
+                              "met": None if tr is None else tr <= SCALE_5M_TIME_RATIO}
     return out
 
 
@@ -231,6 +276,10 @@ def size_table(size: dict[str, Any]) -> list[list[str]]:
     pass_wall = size["learning_pass"]["wall_s"]
     rows = [["ingest (read+validate+insert)", _fmt(size["ingest"]["wall_s"]), _fmt(size["ingest"]["cpu_s"]),
              _fmt(size["ingest"]["peak_rss_mib"], 0), _fmt(size["source_rows"]), ""]]
+    if "ingest_floor" in size:
+        fl = size["ingest_floor"]
+        rows.append([f"ingest floor (pyarrow read + 1 bulk insert); ingest = {_fmt(size['ingest_floor_ratio'])}× it",
+                     _fmt(fl["wall_s"]), _fmt(fl["cpu_s"]), _fmt(fl["peak_rss_mib"], 0), _fmt(fl.get("rows")), ""])
     for name, a in size["assets"].items():
         rows.append([name, _fmt(a["wall_s"]), _fmt(a["cpu_s"]), _fmt(a["peak_rss_mib"], 0), _fmt(a.get("rows")),
                      f"{100 * a['wall_s'] / pass_wall:.0f}%" if pass_wall else ""])
@@ -315,6 +364,14 @@ def render_markdown(result: dict[str, Any]) -> str:
             ("large_peak_mib", "peak memory of any stage", "MiB"),
             ("max_exponent", "largest scaling exponent", ""),
             ("large_floor_ratio", "learning pass ÷ floor", "×"),
+            ("1M_total_wall_s", "scale: 1M ingest + learning, wall", "s"),
+            ("1M_peak_mib", "scale: 1M peak of any stage", "MiB"),
+            ("1M_ingest_peak_mib", "scale: 1M ingest peak", "MiB"),
+            ("1M_ingest_floor_ratio", "scale: 1M ingest ÷ ingest floor", "×"),
+            ("5M_ingest_peak_mib", "scale: 5M ingest peak", "MiB"),
+            ("5M_ingest_floor_ratio", "scale: 5M ingest ÷ ingest floor", "×"),
+            ("5M_peak_mib", "scale: 5M peak of any stage", "MiB"),
+            ("5M_time_over_1M", "scale: 5M total ÷ 1M total", "×"),
         ):
             t = targets.get(key, {})
             which = f" ({t['which']})" if t.get("which") else ""
@@ -359,6 +416,18 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"Per domain: {_fmt(fleet['sequential']['per_domain_s'])} s sequential; two concurrent runs are "
                 f"{_fmt(fleet['two_way_speedup'])}× faster than one after another "
                 "(the run queue allows 2 concurrent runs: dagster.yaml).", ""]
+    day = result.get("controller_day")
+    if day:
+        out += [f"## Controller runs per simulated day: {day['domains']} domains, "
+                f"{_fmt(day['batches_per_min_per_domain'])} telemetry batches a minute each", "",
+                f"Storage per controller run measured ({day['measured_runs']} runs of `controller_job` on a fresh "
+                f"SQLite instance: {_fmt(day['bytes_per_run'] / 1024, 1)} KiB of runs + event log each); runs per day "
+                f"simulated with the sensor's own rule (`automation.run_due`, ticks every {_fmt(day['sensor_tick_s'])} s).",
+                "", _md_table(["policy", "runs / day", "Dagster storage / day (MiB)"],
+                              [["one run per batch (before)", _fmt(day["per_batch"]["runs"]),
+                                _fmt(day["per_batch"]["storage_mib_per_day"], 0)],
+                               [f"coalesced, ≤ 1 per domain per {_fmt(day['coalesce_s'], 0)} s",
+                                _fmt(day["coalesced"]["runs"]), _fmt(day["coalesced"]["storage_mib_per_day"], 0)]]), ""]
     out += ["![time against trades](scaling.png)", ""]
     return "\n".join(out)
 
@@ -381,6 +450,14 @@ def render_console(result: dict[str, Any]) -> str:
         f = result["fleet"]
         parts.append(f"\nfleet {f['domains']}×{_fmt(f['trades_per_domain'])}: ingest {_fmt(f['ingest']['wall_s'])} s, "
                      f"learning sequential {_fmt(f['sequential']['wall_s'])} s, 2 concurrent {_fmt(f['two_way']['wall_s'])} s")
+    day = result.get("controller_day")
+    if day:
+        parts.append(f"\ncontroller runs per simulated day at {day['domains']} domains "
+                     f"({_fmt(day['batches_per_min_per_domain'])} batches/min each; "
+                     f"{_fmt(day['bytes_per_run'] / 1024, 1)} KiB of Dagster storage per run, measured):")
+        for name in ("per_batch", "coalesced"):
+            parts.append(f"  {name}: {_fmt(day[name]['runs'])} runs/day, "
+                         f"{_fmt(day[name]['storage_mib_per_day'], 0)} MiB/day")
     if result.get("targets"):
         parts.append("\ntargets")
         for k, t in result["targets"].items():
@@ -483,6 +560,7 @@ def measured() -> Iterator[dict[str, float]]:
     out["wall_s"] = time.perf_counter() - w
     out["cpu_s"] = time.process_time() - c
     out["peak_rss_mib"] = peak_rss_mib()
+    out["load_1m"] = _loadavg()[0] if _loadavg() else None  # the machine's load when the timing ended
 
 
 def _store(db_path: str):
@@ -521,7 +599,8 @@ def work_setup(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def work_ingest(args: dict[str, Any]) -> dict[str, Any]:
-    """Ingest each domain's CSV through ingest_file (into a fresh database file)."""
+    """Ingest each domain's CSV through ingest_file (into a fresh database file); the 1-minute load
+    average at its start and end is recorded with it (the machine may be shared)."""
     from meta_pipeline.ingest import ingest_file
 
     if args.get("fresh", True):
@@ -536,7 +615,167 @@ def work_ingest(args: dict[str, Any]) -> dict[str, Any]:
             m.update(ingested=report.ingested, quarantined=report.quarantined)
             per_domain[domain] = m
     rows = {t: store.count(t) for t in ("trades", "trade_patterns", "trade_scope", "trade_metrics")}
-    return {**total, "per_domain": per_domain, "rows": rows}
+    return {**total, "per_domain": per_domain, "rows": rows, "load": _loadavg()}
+
+
+def work_ingest_floor(args: dict[str, Any]) -> dict[str, Any]:
+    """The ingest floor: the file read by the fastest reader there is (pyarrow's multi-threaded CSV
+    reader, typed columns) and the same rows shaped into the four source tables (vectorized:
+    patterns split, scope and metric columns melted) and bulk-inserted into the same schema in
+    one transaction — no validation, no quarantine, no line numbers, no bounded memory."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+
+    from meta_pipeline.contracts import table
+    from meta_pipeline.store.frames import insert_frame
+
+    _fresh_db(args["db"])
+    store = _store(args["db"])
+    store.count("trades")  # the schema, outside the timing
+    out: dict[str, Any] = {}
+    with measured() as total:
+        for domain, path in args["files"].items():
+            t = time.perf_counter()
+            header = Path(path).open(encoding="utf-8").readline().strip().split(",")
+            types = {c: pa.float64() if c == "return_r" or c.startswith("metric.") else
+                     pa.timestamp("us", tz="UTC") if c == "closed_at" else pa.string() for c in header}
+            data = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(column_types=types))
+            out["read_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            n = data.num_rows
+            ids = data.column("trade_id").combine_chunks()
+            trades = pd.DataFrame({
+                "domain": domain, "trade_id": ids.to_numpy(zero_copy_only=False),
+                "closed_at": data.column("closed_at").to_pandas(), "regime": data.column("regime").to_pandas(),
+                "strategy_id": (data.column("strategy_id").to_pandas() if "strategy_id" in header else "default"),
+                "return_r": data.column("return_r").to_numpy(), "source_file": str(path),
+                "ingested_at": pd.Timestamp.now(tz="UTC")})
+            lists = pc.split_pattern(data.column("patterns").combine_chunks(), "|")
+            parents = pc.list_parent_indices(lists)
+            patterns = pd.DataFrame({"domain": domain, "trade_id": ids.take(parents).to_numpy(zero_copy_only=False),
+                                     "pattern": pc.list_flatten(lists).to_numpy(zero_copy_only=False)})
+            long: dict[str, list[pd.DataFrame]] = {"trade_scope": [], "trade_metrics": []}
+            for c in header:
+                if c.startswith("scope."):
+                    col = data.column(c).combine_chunks()
+                    keep = pc.and_(pc.is_valid(col), pc.not_equal(col, ""))
+                    long["trade_scope"].append(pd.DataFrame({
+                        "domain": domain, "trade_id": ids.filter(keep).to_numpy(zero_copy_only=False), "key": c[6:],
+                        "value": col.filter(keep).to_numpy(zero_copy_only=False)}))
+                elif c.startswith("metric."):
+                    col = data.column(c).combine_chunks()
+                    keep = pc.is_valid(col)
+                    long["trade_metrics"].append(pd.DataFrame({
+                        "domain": domain, "trade_id": ids.filter(keep).to_numpy(zero_copy_only=False),
+                        "metric": c[7:], "value": col.filter(keep).to_numpy(zero_copy_only=False)}))
+            del data
+            out["shape_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with store.write() as conn:
+                rows = insert_frame(conn, table("trades"), trades)
+                rows += insert_frame(conn, table("trade_patterns"), patterns)
+                for name, parts in long.items():
+                    if parts:
+                        rows += insert_frame(conn, table(name), pd.concat(parts, ignore_index=True))
+            out["insert_s"] = time.perf_counter() - t
+            out["rows"] = rows + 0 * n
+    return {**total, **out}
+
+
+# -- controller runs and Dagster storage per simulated day ----------------------
+
+SOAK_BATCHES_PER_MIN = 25.0 / 3  # per domain: the 15-minute soak's rate (3 domains, ~25 telemetry batches a minute)
+SENSOR_TICK_S = 15.0  # new_telemetry_sensor's minimum_interval_seconds
+
+
+def simulate_controller_day(domains: int, batches_per_min: float, coalesce_s: float,
+                            tick_s: float = SENSOR_TICK_S, run_s: float = 5.0) -> dict[str, float]:
+    """Controller runs in one simulated day: batches land evenly at ``batches_per_min`` per domain,
+    the sensor ticks every ``tick_s``; a domain with a batch not yet covered by a requested run gets
+    a run when ``automation.run_due`` says so (``coalesce_s`` 0: one run per tick with new batches,
+    as before coalescing); a run covers every batch landed before it starts (``run_s`` after its
+    request). All domains alike, so one is simulated and multiplied."""
+    from meta_pipeline.defs.automation import run_due
+
+    gap = 60.0 / batches_per_min
+    arrivals = np.arange(gap / 2, 86_400.0, gap)
+    covered_until, last_request, runs, k = -1.0, None, 0, 0
+    for now in np.arange(0.0, 86_400.0, tick_s):
+        while k < len(arrivals) and arrivals[k] <= now:
+            k += 1
+        newest = arrivals[k - 1] if k else None
+        if newest is None or newest <= covered_until:
+            continue  # nothing pending: no run
+        if not run_due(float(now), last_request, coalesce_s):
+            continue
+        runs += 1
+        last_request = float(now)
+        covered_until = float(now) + run_s
+    return {"runs_per_domain": float(runs), "runs": float(runs * domains),
+            "batches_per_domain": float(len(arrivals))}
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def work_controller_runs(args: dict[str, Any]) -> dict[str, Any]:
+    """Dagster storage one controller run costs: ``controller_job`` executed ``runs`` times for one
+    domain (a telemetry batch landed before each), on a fresh SQLite instance; bytes of the
+    instance folder (runs, event log, schedules) before and after."""
+    folder = Path(args["folder"])
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["META_PIPELINE_DB_URL"] = f"sqlite:///{folder / 'meta.db'}"
+    import dagster as dg
+
+    from meta_pipeline.ingest import ingest_file
+    from meta_pipeline.lab.synth import FleetConfig, generate_fleet, write_telemetry_file, write_trades_file
+    from meta_pipeline.store import MetaStore
+
+    store = MetaStore(os.environ["META_PIPELINE_DB_URL"])
+    n_runs = int(args.get("runs", 6))
+    fleet = generate_fleet(FleetConfig(n_domains=1, n_trades=2000, telemetry_ticks=40 + 10 * n_runs, seed=3,
+                                       domain_names=(DOMAIN,)))
+    data = fleet.domains[DOMAIN]
+    ingest_file(store, "trades", write_trades_file(data.trades, folder / "t.csv"), DOMAIN)
+    ingest_file(store, "telemetry", write_telemetry_file(data.telemetry.iloc[:40], folder / "m.csv"), DOMAIN)
+    import meta_pipeline.definitions as repo
+
+    job = repo.defs.resolve_job_def("controller_job")
+    home = folder / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        instance.add_dynamic_partitions("domain", [DOMAIN])
+        job.execute_in_process(partition_key=DOMAIN, instance=instance, raise_on_error=False)  # warm: schema, first run
+        before = _tree_bytes(home)
+        ok = 0
+        t = time.perf_counter()
+        for i in range(n_runs):
+            batch = write_telemetry_file(data.telemetry.iloc[40 + 10 * i: 50 + 10 * i], folder / f"m{i}.csv")
+            ingest_file(store, "telemetry", batch, DOMAIN)
+            ok += job.execute_in_process(partition_key=DOMAIN, instance=instance, raise_on_error=False).success
+        wall = time.perf_counter() - t
+        after = _tree_bytes(home)
+    return {"runs": n_runs, "ok": ok, "bytes_per_run": (after - before) / n_runs, "run_wall_s": wall / n_runs}
+
+
+def controller_day(per_run: dict[str, Any], domains: int = 100, coalesce_s: float | None = None) -> dict[str, Any]:
+    """Runs and Dagster storage per simulated day at ``domains`` domains under the soak's telemetry rate,
+    one run per batch (before) against coalesced (``controller_coalesce_seconds``)."""
+    from meta_pipeline.defs.automation import controller_coalesce_seconds
+
+    coalesce_s = controller_coalesce_seconds() if coalesce_s is None else coalesce_s
+    out: dict[str, Any] = {"domains": domains, "batches_per_min_per_domain": SOAK_BATCHES_PER_MIN,
+                           "sensor_tick_s": SENSOR_TICK_S, "coalesce_s": coalesce_s,
+                           "bytes_per_run": per_run["bytes_per_run"], "measured_runs": per_run["runs"],
+                           "measured_ok": per_run["ok"]}
+    for name, interval in (("per_batch", 0.0), ("coalesced", coalesce_s)):
+        day = simulate_controller_day(domains, SOAK_BATCHES_PER_MIN, interval)
+        out[name] = {**day, "storage_mib_per_day": day["runs"] * per_run["bytes_per_run"] / MIB}
+    return out
 
 
 # -- the learning pass ----------------------------------------------------------
@@ -845,6 +1084,8 @@ def work_naive(args: dict[str, Any]) -> dict[str, Any]:
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "setup": work_setup,
+    "ingest_floor": work_ingest_floor,
+    "controller_runs": work_controller_runs,
     "ingest": work_ingest,
     "learning": work_learning,
     "floor": work_floor,
@@ -940,13 +1181,18 @@ def bench_size(n_trades: int, work: Path, opts: BenchOptions, progress: Callable
     for r in range(opts.repeat):
         _say(progress, f"[{label}] ingest {r + 1}/{opts.repeat}")
         ingests.append(stage("ingest", {"db": db, "files": files}, f"ingest{r}.log"))
+    _say(progress, f"[{label}] ingest floor (fastest reader + one bulk insert)")
+    ingest_floor = stage("ingest_floor", {"db": db + ".floor", "files": files}, "ingest_floor.log")
+    _fresh_db(db + ".floor")
     _say(progress, f"[{label}] learning pass ×{opts.repeat}")
     learning = stage("learning", {"db": db, "domains": [DOMAIN], "repeat": opts.repeat}, "learning.log")
     _say(progress, f"[{label}] floor")
     floor = stage("floor", {"db": db, "domain": DOMAIN, "repeat": opts.repeat}, "floor.log")
-    _say(progress, f"[{label}] naive baselines")
-    naive = stage("naive", {"db": db, "domain": DOMAIN, "budget_s": opts.naive_budget_s, "repeat": opts.repeat},
-                  "naive.log")
+    naive: dict[str, Any] = {}
+    if opts.naive:
+        _say(progress, f"[{label}] naive baselines")
+        naive = stage("naive", {"db": db, "domain": DOMAIN, "budget_s": opts.naive_budget_s, "repeat": opts.repeat},
+                      "naive.log")
 
     runs = learning["runs"]
     assets = {name: summarize_runs([r["assets"][name] for r in runs]) for name in runs[0]["assets"]}
@@ -963,6 +1209,10 @@ def bench_size(n_trades: int, work: Path, opts: BenchOptions, progress: Callable
         "rows": ingests[-1]["rows"],
         "source_rows": int(sum(ingests[-1]["rows"].values())),
         "ingest": summarize_runs(ingests),
+        "ingest_floor": {k: ingest_floor[k] for k in ("wall_s", "cpu_s", "peak_rss_mib", "read_s", "shape_s",
+                                                       "insert_s", "rows")},
+        "ingest_floor_ratio": ratio(median_of(ingests, "wall_s"), ingest_floor["wall_s"]),
+        "load_at_ingest": ingests[-1].get("load"),
         "assets": assets,
         "learning_pass": learning_pass,
         "cache": runs[-1]["cache"],
@@ -1128,6 +1378,11 @@ def run_bench(tier_choice: str, out_dir: str | Path, opts: BenchOptions | None =
         fleet_tier = next((t for t in tiers if t.fleet_domains), None)
         if fleet_tier is not None:
             result["fleet"] = bench_fleet(fleet_tier, work, opts, progress)
+    if opts.controller_day and not opts.workers_in_process:  # the stage points its process at its own store
+        _say(progress, "[controller] Dagster storage per controller run; runs per simulated day at 100 domains")
+        per_run = run_worker("controller_runs", {"folder": str(work / "controller")}, work / "controller.log",
+                             opts.workers_in_process)
+        result["controller_day"] = controller_day(per_run)
     result["exponents"] = exponents_of(result["sizes"])
     result["local_exponents"] = local_exponents(result["sizes"]) if len(result["sizes"]) > 2 else {}
     result["meta"]["elapsed_s"] = time.time() - started
