@@ -2,6 +2,8 @@
 
 * new trades for a domain      -> the learning assets of that partition, then override_feedback
 * a drift event                -> a re-learn of its domain (drift_sensor, defs/learning/feedback.py)
+* a controller decision that    -> a re-learn of its domain, so the trial is judged on overrides
+  moves a learning knob           built with the new knobs (knob_trial_sensor, defs/governance/knob_trials.py)
 * new telemetry for a domain   -> the integrative update of that partition (controller_job)
 * a new global_prior           -> nothing to launch: every controller reads the newest
                                   prior at its next update (pull, so no run storms)
