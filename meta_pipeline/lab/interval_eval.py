@@ -255,11 +255,11 @@ def score(rows: pd.DataFrame, noise: pd.Series | None = None) -> dict[str, Any]:
 def score_breaks(fits: pd.DataFrame) -> dict[str, Any]:
     """Fleets with planted sign flips: fits that explain a run of late buckets as explosive growth.
 
-    ``n_explosive``: lessons whose fitted λ < −0.01/h (doubling in under three days, far
+    ``n_explosive``: lessons whose fitted λ < −0.004/h (doubling in under a week, far
     beyond any planted improvement); ``n_explosive_confident``: those called improving.
     """
     fitted = fits[fits["n_buckets"] >= 5]
-    explosive = fitted["decay_rate_per_hour"] < -0.01
+    explosive = fitted["decay_rate_per_hour"] < -0.004  # doubling in under a week
     return {
         "n_lessons": int(len(fitted)),
         "n_explosive": int(explosive.sum()),
@@ -338,6 +338,9 @@ def interval_section(cfg: IntervalEvalConfig = IntervalEvalConfig(),
             lessons, history = domain_history(data)
             for method in cfg.methods:
                 bfits[method].append(fit_half_lives(history, ci_method=method, **cfg.fit_kwargs))
+            # the same fits without the growth-support rule: what the rule prevents
+            bfits.setdefault(f"{cfg.methods[0]}, growth rule off", []).append(fit_half_lives(
+                history, ci_method=cfg.methods[0], **{**cfg.fit_kwargs, "growth_support_share": None}))
         breaks = {m: score_breaks(pd.concat(f, ignore_index=True)) for m, f in bfits.items()}
     planted = {}
     if cfg.planted_lessons > 0:
@@ -402,7 +405,7 @@ def format_intervals(res: dict[str, Any]) -> str:
     for m, b in res["breaks"].items():
         if b.get("n_lessons"):
             lines.append(
-                f"planted sign flips (`{m}`): {b['n_lessons']} lessons; explosive-growth fits (λ < −0.01/h) "
+                f"planted sign flips (`{m}`): {b['n_lessons']} lessons; explosive-growth fits (λ < −0.004/h) "
                 f"{b['n_explosive']}, of them called improving (confident) {b['n_explosive_confident']}")
     if res.get("planted"):
         lines += ["", "Planted edge histories (independent lessons, `lab.planted_halflife`; ± binomial s.e.): "

@@ -511,7 +511,7 @@ def fit_half_lives(
     newton_iters: int = 5,
     root_iters: int = 6,
     ci_method: str = "robust",
-    growth_support_share: float = 0.25,
+    growth_support_share: float | None = 0.25,
 ) -> pd.DataFrame:
     """Fit ``edge(t) = e0*exp(-lambda*t)`` for every lesson in ``edge_history``.
 
@@ -551,7 +551,7 @@ def fit_half_lives(
         A growth fit (lambda < 0) whose curve rests on fewer than
         ``max(min_buckets, growth_support_share * buckets)`` effective buckets is a
         change point, not a trend: both CI ends become infinite and the state
-        ``insufficient_data``.
+        ``insufficient_data``. ``None`` turns the rule off (for comparison only).
     bucket_hours
         Bucket width.  A bucket's mean edge is placed at its midpoint
         ``bucket_start + bucket_hours/2`` (the bucket average of an exponential
@@ -698,8 +698,11 @@ def fit_half_lives(
     # curve_support_buckets) >= max(min_buckets, growth_support_share * buckets).
     # Decaying fits extrapolate toward zero and are not held to this (a fast decay
     # legitimately rests on its first buckets).
-    need = np.maximum(max(int(min_buckets), 3), growth_support_share * n_buckets)
-    unsupported_growth = fitted & (lam_hat < 0) & (res["support"] < need)
+    if growth_support_share is None:  # rule off (for comparison only)
+        unsupported_growth = np.zeros(n_les, dtype=bool)
+    else:
+        need = np.maximum(max(int(min_buckets), 3), growth_support_share * n_buckets)
+        unsupported_growth = fitted & (lam_hat < 0) & (res["support"] < need)
     ci_lo = np.where(unsupported_growth, -np.inf, ci_lo)
     ci_hi = np.where(unsupported_growth, np.inf, ci_hi)
     usable &= ~unsupported_growth
