@@ -63,7 +63,7 @@ def _job(db_url: str) -> Any:
     from meta_pipeline.defs.resources import StoreResource
 
     bound = dg.Definitions(assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
-                           resources={"store": StoreResource(db_url=db_url)})
+                           resources={**(defs.resources or {}), "store": StoreResource(db_url=db_url)})
     return bound.resolve_job_def("relearn_job")
 
 
