@@ -303,6 +303,10 @@ def test_a_new_domains_first_decision_starts_from_its_nearest_neighbours_prior_w
     unlike["latency_ms"] = 400.0 + rng.normal(0, 2, 5)
     far = first_decision(unlike)
     assert far.before.prior_source == "global v3" and far.before.knobs == latest.values
+    # the "close" threshold has a floor: how far a known domain's own 5 ticks appear from the rest of its telemetry
+    ws = warm_start_new_domain("new", like_a, latest.values, 3, priors_long, fleet)
+    assert ws.details["noise_floor"] > 0 and ws.details["close_threshold"] >= 2 * ws.details["noise_floor"]
+    assert set(ws.details["neighbours"]) == {"a1", "a2"}
     # no inputs (the old path) or too few ticks: the global prior
     assert warm_start_new_domain("new", like_a.head(1), latest.values, 3, priors_long, fleet).source == "global v3"
 

@@ -316,6 +316,15 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
     probe_alt_self = np.array([ruler.self_term(z) for z in probe_alt_z])
     probe_D_alt = np.zeros((P, T))
     start_alt = np.full(T, np.nan)
+    # the noise floor of the "close" rule (choose_warm_start): m of a task's own ticks held out (rows after its
+    # shift sample) against its shift sample, twice for each of the first 8 tasks; the 90th percentile
+    def noise_floor(m: int) -> float:
+        held = [(i, ruler.standardize(_outcomes(t)[cfg.shift_ticks + r * m:cfg.shift_ticks + (r + 1) * m]))
+                for i, t in enumerate(telemetry[:8]) for r in range(2)]
+        return float(np.quantile([ruler.distances(h, ruler.self_term(h), bank[i:i + 1], bank_self[i:i + 1])[0]
+                                  for i, h in held], 0.9))
+
+    floor, floor_alt = noise_floor(cfg.first_ticks), noise_floor(cfg.first_ticks_alt)
 
     theta_d = np.full((T, K), np.nan)
     n_obs = np.zeros(T)
@@ -338,11 +347,11 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
         # --- task i arrives as a new domain: warm start from what is known (tasks < i)
         if i >= 1:
             d_new = ruler.distances(first_z[i], first_self[i], bank[:i], bank_self[:i])
-            start, _, _ = warm_start_unit(glob[i], theta_d[:i], d_new, d_typ_after[i - 1], cfg.warm)
+            start, _, _ = warm_start_unit(glob[i], theta_d[:i], d_new, max(d_typ_after[i - 1], floor), cfg.warm)
             start_warm[i] = norm_t(start[None, :], [i])[0]
             start_global[i] = norm_t(glob[i][None, :], [i])[0]
             d_alt = ruler.distances(alt_z[i], alt_self[i], bank[:i], bank_self[:i])
-            start_a, _, _ = warm_start_unit(glob[i], theta_d[:i], d_alt, d_typ_after[i - 1], cfg.warm)
+            start_a, _, _ = warm_start_unit(glob[i], theta_d[:i], d_alt, max(d_typ_after[i - 1], floor_alt), cfg.warm)
             start_alt[i] = norm_t(start_a[None, :], [i])[0]
             source_level[i] = diag[:i].mean()
         # --- learn task i
@@ -372,7 +381,7 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
         d_typ_after[i] = float(np.median(nearest[: i + 1])) if i >= 1 else float("nan")
         if i >= 1:
             d_typ = d_typ_after[i]
-            starts = np.vstack([warm_start_unit(agg.theta_unit, theta_d[: i + 1], probe_D[p, : i + 1], d_typ,
+            starts = np.vstack([warm_start_unit(agg.theta_unit, theta_d[: i + 1], probe_D[p, : i + 1], max(d_typ, floor),
                                                 cfg.warm)[0] for p in range(P)])
         else:
             starts = np.repeat(agg.theta_unit[None, :], P, axis=0)
@@ -407,7 +416,7 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
     idx = np.arange(cfg.transfer_from_task, T)
     transfer = float(np.mean(start_warm[idx]) / np.mean(source_level[idx])) if idx.size else float("nan")
     transfer_alt = float(np.mean(start_alt[idx]) / np.mean(source_level[idx])) if idx.size else float("nan")
-    probe_start_alt = norm_p(np.vstack([warm_start_unit(glob[T], theta_d, probe_D_alt[p], d_typ_after[T - 1],
+    probe_start_alt = norm_p(np.vstack([warm_start_unit(glob[T], theta_d, probe_D_alt[p], max(d_typ_after[T - 1], floor_alt),
                                                         cfg.warm)[0] for p in range(P)])).tolist()
     transfer_global = float(np.mean(start_global[idx]) / np.mean(source_level[idx])) if idx.size else float("nan")
 
@@ -420,7 +429,7 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
     trips = 0  # the sustained-drop monitor (meta.fallback) replayed on these healthy runs: false alarms
     H = cfg.efficiency_horizon
     for p in range(P):
-        start, lam, close = warm_start_unit(final, theta_d, probe_D[p], d_typ, cfg.warm)
+        start, lam, close = warm_start_unit(final, theta_d, probe_D[p], max(d_typ, floor), cfg.warm)
         start_knobs = unit_to_knobs(start)
         engine = engine_of(f"probe{p}", probe_optima[p])
         run_seed = 10_000 * seed + p
@@ -442,7 +451,7 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
         reach_scratch.append(_first_reach(inc_s, cfg.efficiency_level, H))
         start_probe.append(float(norm_p(np.repeat(start[None, :], P, 0))[p]))
         # the same from the warm start of 20 first ticks
-        start_a, _, close_a = warm_start_unit(final, theta_d, probe_D_alt[p], d_typ, cfg.warm)
+        start_a, _, close_a = warm_start_unit(final, theta_d, probe_D_alt[p], max(d_typ, floor_alt), cfg.warm)
         alt_state = cold_start(unit_to_knobs(start_a), cfg.controller, seed=run_seed)
         alt = run_closed_loop(engine, H, 1, run_seed, cfg.controller,
                               None if close_a.size else unit_to_knobs(start_a), state=alt_state)
@@ -479,6 +488,9 @@ def run_stream(cfg: SeedTargetsConfig, seed: int, progress: Callable[[str], None
         "reach_scratch": reach_scratch,
         "few_shot_alt": few_alt,
         "fallback_false_alarms": trips,
+        "noise_floor": floor,
+        "noise_floor_alt": floor_alt,
+        "typical_distance": float(d_typ),
         "fallback_runs": 2 * P,
         "reach_alt": reach_alt,
     }

@@ -756,14 +756,18 @@ def choose_warm_start(
     distances_to_new: pd.Series | Mapping[str, float] | None,
     known_pairwise: pd.DataFrame | None,
     settings: WarmStartSettings = WarmStartSettings(),
+    noise_floor: float = 0.0,
 ) -> WarmStart:
     """The few-shot warm start of a new domain, as the controller uses it.
 
     ``d_typ`` = the median over the known domains of each one's distance to its nearest
     other known domain (``typical_neighbour_distance`` of ``known_pairwise``): how close a
     domain's nearest neighbour typically is in this fleet. A known domain with a prior is
-    **close** when its distance to the new domain is ≤ ``close_ratio · d_typ`` (default 2:
-    the new domain's few ticks make its distances noisier than the fleet's).
+    **close** when its distance to the new domain is ≤ ``close_ratio · max(d_typ,
+    noise_floor)`` (default ratio 2). ``noise_floor``: how far a domain's OWN few ticks
+    appear from the rest of its telemetry (``warm_start_new_domain`` measures it at the new
+    domain's sample size); without it, a fleet whose domains have many ticks each (their
+    distances estimate to ≈ 0) would call nothing close.
     Of the ``k`` nearest, the close ones C decide:
 
     * C empty (or fewer than 2 known domains, or no distances): the global prior
@@ -782,11 +786,12 @@ def choose_warm_start(
     if known_pairwise is None or len(known_pairwise) < 2 or len(usable) < 1:
         base.details["why"] = "fewer than 2 known domains or no distances to the new domain"
         return base
-    d_typ = typical_neighbour_distance(known_pairwise.to_numpy(dtype=float))
+    d_typ = max(typical_neighbour_distance(known_pairwise.to_numpy(dtype=float)), float(noise_floor))
     dist = dist[usable].sort_values(kind="stable")
     near = dist.iloc[: settings.k]
     close = near[near <= settings.close_ratio * d_typ] if np.isfinite(d_typ) else near.iloc[:0]
-    base.details.update({"typical_distance": d_typ, "close_threshold": settings.close_ratio * d_typ,
+    base.details.update({"typical_distance": d_typ, "noise_floor": float(noise_floor),
+                         "close_threshold": settings.close_ratio * d_typ,
                          "nearest": {d: float(v) for d, v in near.items()}})
     if close.empty:
         base.details["why"] = (f"nearest domain {near.index[0]} at distance {near.iloc[0]:.4f} > "
@@ -795,6 +800,10 @@ def choose_warm_start(
     units = np.vstack([prior_vector(domain_priors_by_domain[d]) for d in dist.index])
     start, lam, idx = warm_start_unit(None if global_theta is None else knobs_to_unit(global_theta), units,
                                       dist.to_numpy(float), d_typ, settings)
+    if lam <= 1e-12 and global_theta is not None:  # the close domains are no closer than the fleet at large
+        base.details["why"] = (f"{len(close)} close domain(s) but no closer than the known domains at large "
+                               "(λ = 0): the global prior")
+        return base
     theta = unit_to_knobs(start)
     details = {**base.details, "lambda": lam,
                "neighbours": {dist.index[i]: float(dist.iloc[i]) for i in idx}}
@@ -953,7 +962,11 @@ def warm_start_new_domain(
     SHIFT_FEATURES columns. All distances — between known domains and to the new one — come
     from ONE ``pairwise_shift_distances`` call (one standardization, one bandwidth), so "close"
     is judged with the same ruler on both sides. The new domain's own rows are left out of
-    the known set. Fewer than ``settings.min_ticks`` new ticks: the global prior.
+    the known set. The same call measures the noise floor: for up to 5 known domains, twice,
+    n_new of their own ticks (n_new = the new domain's tick count) held out against the rest;
+    the 90th percentile of those distances is how far a domain's own few ticks can appear
+    from itself (the median is useless: the unbiased MMD² is ≤ 0, distance 0, half the time).
+    Fewer than ``settings.min_ticks`` new ticks: the global prior.
     """
     glob = WarmStart(None if global_theta is None else dict(global_theta),
                      "defaults" if global_theta is None else f"global v{global_version}", {"lambda": 0.0})
@@ -967,10 +980,23 @@ def warm_start_new_domain(
         glob.details["why"] = f"{len(known)} known domain(s) with a prior and telemetry (need 2)"
         return glob
     key = "\x00new"  # cannot clash with a valid domain name
-    pairwise = pairwise_shift_distances({**known, key: new_telemetry}, method=settings.shift_method,
+    # the noise floor: up to 5 known domains' own n_new ticks held out vs the rest of their telemetry
+    rng = np.random.default_rng(settings.seed)
+    m = min(n_new, settings.shift_max_ticks)
+    probes: dict[str, pd.DataFrame] = {}
+    for d in sorted(known)[:: max(1, len(known) // 5)][:5]:
+        g = known[d]
+        for r in range(2) if len(g) >= m + 2 else ():
+            idx = rng.permutation(len(g))
+            probes[f"\x00held{r}:{d}"], probes[f"\x00rest{r}:{d}"] = g.iloc[idx[:m]], g.iloc[idx[m:]]
+    pairwise = pairwise_shift_distances({**known, key: new_telemetry, **probes}, method=settings.shift_method,
                                         max_n=settings.shift_max_ticks, seed=settings.seed)
     if key not in pairwise.index:
         glob.details["why"] = "the new domain's ticks have no complete outcome row"
         return glob
-    return choose_warm_start(global_theta, global_version, by_domain, pairwise.loc[key].drop(key),
-                             pairwise.drop(index=key, columns=key), settings)
+    held = [float(pairwise.loc[h, h.replace("held", "rest")]) for h in probes
+            if h.startswith("\x00held") and h in pairwise.index and h.replace("held", "rest") in pairwise.index]
+    noise = float(np.quantile(held, 0.9)) if held else 0.0  # the unbiased MMD² is ≤ 0 half the time: a high quantile
+    real = [c for c in pairwise.index if not c.startswith("\x00")]
+    return choose_warm_start(global_theta, global_version, by_domain, pairwise.loc[key, real],
+                             pairwise.loc[real, real], settings, noise_floor=noise)
