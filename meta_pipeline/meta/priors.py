@@ -54,6 +54,18 @@ domains' priors: ``θ = (1−λ)·θ_global + λ·θ_knn``, ``λ = λ_max·(1 �
 so λ is 0 when the nearest domains are no closer than the fleet at large (nothing to
 gain over the global prior) and approaches λ_max when they are near-identical.
 
+The wired warm start (``choose_warm_start`` / ``warm_start_new_domain``, used by the
+controller's cold start through ``meta.warm_start``): the k nearest known domains count
+only when "close" (within 2 × max(the fleet's median nearest-neighbour distance, the noise
+floor of a few ticks)); no close domain means the global prior. ``warm_start_unit`` is the
+same rule on arrays (the 1,000-task evaluation).
+
+The global prior's own canary (``next_global_prior``): the fleet's decision rewards are
+attributed to the version in effect when they were decided (``fleet_reward_by_version``);
+when the fleet did significantly worse under the newest version than under the one before
+(``prior_rollback_verdict``, paired by domain), the next version restores the previous one,
+and the build after a rollback takes a halved Reptile step.
+
 Early negative-transfer check (``early_negative_transfer``): the global prior records
 the lowest best reward among the domains it was built from (``expected_reward_low``). A
 new domain whose first rewards at the prior fall clearly below it (beyond a margin and
