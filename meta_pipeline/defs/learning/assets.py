@@ -319,7 +319,8 @@ def _decay_figure(history: pd.DataFrame, fits: pd.DataFrame, domain: str, n_top:
     kinds={"numpy", "sql"},
     description=(
         "Per lesson: fitted edge(t) = e0·exp(−λt) over its edge history (all lessons at once, profile-likelihood "
-        "CI of λ), half-life ln2/λ with CI, and the state decaying / stable / improving / insufficient_data. "
+        "CI of λ on the HC3 sandwich noise with Satterthwaite dof), half-life ln2/λ with CI, and the state "
+        "decaying / stable / improving / insufficient_data. "
         "Table half_life_fits (an unbounded CI end is stored as null)."
     ),
 )
@@ -332,6 +333,7 @@ def half_life_fits(context: dg.AssetExecutionContext, store: StoreParam) -> dg.M
     metadata = {
         "dagster/row_count": dg.MetadataValue.int(written),
         "states": dg.MetadataValue.json(states),
+        "ci_method": dg.MetadataValue.text("robust: HC3 sandwich noise, Satterthwaite dof, growth-support rule"),
         "median_half_life_days": dg.MetadataValue.float(
             float(np.nanmedian(fits["half_life_hours"]) / 24.0) if (fits["state"] == "decaying").any() else float("nan")
         ),
