@@ -55,6 +55,7 @@ from meta_pipeline.store import MetaStore
 
 CHUNK_BYTES = 32 * 1024 * 1024  # CSV / JSON Lines span; META_PIPELINE_INGEST_CHUNK_BYTES
 CHUNK_ROWS = 200_000  # Parquet span; META_PIPELINE_INGEST_CHUNK_ROWS
+FAST_BLOCK_BYTES = 16 * 1024 * 1024  # a span of a well-formed CSV (pyarrow's streaming reader)
 LOOKAHEAD_LINES = C._CSV_MAX_RECORD_LINES + 1  # a CSV record is decided by its lines and this many after
 
 
@@ -125,7 +126,7 @@ class _Reader:
             yield from self._json_spans()
 
     # -- CSV -------------------------------------------------------------------
-    def csv_fast_candidate(self) -> bool:
+    def csv_fast_candidate(self, max_cell_chars: int) -> bool:
         """The file could be read by pyarrow's streaming reader (as ``contracts._read_csv_fast``);
         the first pass confirms it (one record per line)."""
         import csv
@@ -140,7 +141,8 @@ class _Reader:
         if len(set(header)) != len(header) or any(n.strip() == "" for n in header):
             return False
         self.csv_header = header
-        self.physical_lines, lone_cr, self.longest_line = _csv_line_stats(self.path)
+        self.max_cell_chars = max_cell_chars
+        self.physical_lines, lone_cr, self.maybe_long_cells = _csv_line_stats(self.path, self.max_cell_chars)
         return not lone_cr
 
     def _csv_fast_spans(self, trade_ids_only: bool) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
@@ -148,7 +150,9 @@ class _Reader:
         include = ["trade_id"] if trade_ids_only and "trade_id" in header else header
         reader = pa_csv.open_csv(
             self.path,
-            read_options=pa_csv.ReadOptions(block_size=min(self.sizes.chunk_bytes, 1 << 30)),
+            # blocks of at most 16 MiB: larger ones cost pyarrow's streaming reader time and memory
+            read_options=pa_csv.ReadOptions(block_size=min(self.sizes.chunk_bytes, FAST_BLOCK_BYTES),
+                                            use_threads=not trade_ids_only),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(
                 column_types={name: pa.string() for name in header}, strings_can_be_null=False,
@@ -249,21 +253,38 @@ class _NotFast(Exception):
     """The CSV is not one record per line: read it with the robust reader."""
 
 
-def _csv_line_stats(path: Path) -> tuple[int, int, int]:
-    """(physical lines, lone carriage returns, longest line in bytes), read in blocks."""
-    lines, lone_cr = C._csv_line_count(path)
-    longest, carry = 0, 0
+def _csv_line_stats(path: Path, long_line: int) -> tuple[int, int, bool]:
+    """(physical lines, lone carriage returns, whether a line may be longer than ``long_line``
+    bytes), in one pass over the file in blocks (``contracts._csv_line_count``'s counts).
+
+    A line longer than ``long_line`` holds a whole aligned window of ``long_line // 2``
+    bytes without a line feed; no such window means no such line (the answer errs only
+    towards checking cells).
+    """
+    window = max(long_line // 2, 1)
+    block_size = window * max(1, (8 << 20) // window)
+    n_lf = n_cr = n_crlf = 0
+    prev_cr = False
+    last = b""
+    maybe_long = False
     with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            lf = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
-            if len(lf) == 0:
-                carry += len(block)
-                longest = max(longest, carry)
-                continue
-            longest = max(longest, carry + int(lf[0]), int(np.diff(lf).max()) if len(lf) > 1 else 0)
-            carry = len(block) - int(lf[-1]) - 1
-        longest = max(longest, carry)
-    return lines, lone_cr, longest
+        while block := fh.read(block_size):
+            n_lf += block.count(b"\n")
+            if b"\r" in block:
+                n_cr += block.count(b"\r")
+                n_crlf += block.count(b"\r\n")
+            if prev_cr and block[:1] == b"\n":
+                n_crlf += 1
+            prev_cr = block[-1:] == b"\r"
+            last = block[-1:]
+            if not maybe_long:
+                full = len(block) // window * window
+                if full == 0 or len(block) < window:
+                    maybe_long = maybe_long or (len(block) >= window and b"\n" not in block)
+                else:
+                    arr = np.frombuffer(block, dtype=np.uint8, count=full).reshape(-1, window)
+                    maybe_long = bool(~(arr == 10).any(axis=1).all())
+    return n_lf + (1 if last and last != b"\n" else 0), n_cr - n_crlf, maybe_long
 
 
 class _LineBlocks:
@@ -341,47 +362,101 @@ def _candidate_ids(raw: pd.DataFrame, limits: IngestLimits, check_cells: bool) -
     return ids, candidates
 
 
-def superseded_rows(reader: _Reader, limits: IngestLimits, source: str) -> np.ndarray:
-    """Global row positions (over the spans, in order) of candidate rows whose id comes again later.
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
-    Raises ContractError for a file rejected whole (checked on every span, before any write).
+
+def id_hashes(ids: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each text value (FNV-1a over its UTF-8 bytes, then the splitmix64
+    finalizer), vectorized over arrow's buffers: one numpy step per byte position.
+
+    Only a pre-filter: rows whose hash is unique have a unique id; rows sharing a hash are
+    compared by their exact text (``superseded_rows``), so a collision costs time, never a row.
     """
-    positions: list[np.ndarray] = []
-    ids: list[pa.Array] = []
+    arr = ids.cast(pa.large_string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.empty(0, dtype=np.uint64)
+    buffers = arr.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.empty(0, dtype=np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        live = np.arange(n)
+        for j in range(int(lengths.max(initial=0))):
+            live = live[lengths[live] > j]
+            h[live] = (h[live] ^ data[starts[live] + j].astype(np.uint64)) * _FNV_PRIME
+        h ^= lengths.astype(np.uint64)
+        h ^= h >> np.uint64(30)
+        h *= _MIX1
+        h ^= h >> np.uint64(27)
+        h *= _MIX2
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def _candidate_spans(reader: _Reader, limits: IngestLimits, source: str, check_cells: bool
+                     ) -> Iterator[tuple[int, pa.Array, np.ndarray]]:
+    """(global position of the span's first row, stripped ids, candidate mask) of every span with ids."""
     done = 0
-    any_rows = False
-    first_error: tuple | None = None
-    columns: list[str] = []
-    column_problems: dict[str, str] = {}
-    check_cells = True
-    if reader.csv_fast:
-        check_cells = reader.longest_line > limits.max_cell_chars
     for raw, _lines in reader.spans(trade_ids_only=not check_cells):
         notes = C._read_notes(raw)
-        if reader.suffix not in (".csv", ".parquet") and not reader.whole:
-            for col in raw.columns:
-                if col not in column_problems and col in notes.column_problems:
-                    column_problems[col] = notes.column_problems[col]
-            seen = set(columns)
-            columns += [c for c in raw.columns if c not in seen]
-            if first_error is None and notes.line_errors:
-                first_error = notes.line_errors[0]
         if raw.empty and notes.line_errors:
-            done += len(raw)
             continue
-        any_rows = any_rows or len(raw) > 0
         if "trade_id" not in raw.columns or len(raw) == 0:
             if reader.suffix == ".csv" or reader.whole or reader.suffix == ".parquet":
                 C._require_columns(raw, C.TRADE_REQUIRED, source, notes)
             done += len(raw)
             continue
         trade_ids, candidates = _candidate_ids(raw, limits, check_cells)
-        idx = np.flatnonzero(candidates)
-        positions.append(idx + done)
-        kept = trade_ids.take(pa.array(idx)) if len(idx) < len(trade_ids) else trade_ids
-        ids.append(kept.cast(pa.large_string()))
+        yield done, trade_ids, candidates
         done += len(raw)
-    if reader.suffix in (".jsonl", ".ndjson", ".json") and not reader.whole:
+
+
+def superseded_rows(reader: _Reader, limits: IngestLimits, source: str) -> np.ndarray:
+    """Global row positions (over the spans, in order) of candidate rows whose id comes again later.
+
+    First pass: a 64-bit hash (``id_hashes``) and the position of every candidate row, 16
+    bytes a row. Rows whose hash occurs once are unique. Only when some hash repeats (a
+    file with repeated ids, or a collision) are the ids of those rows read again and
+    compared exactly (``contracts._duplicated_keep_last``): exact, whatever the hash does.
+    Raises ContractError for a file rejected whole (checked on every span, before any write).
+    """
+    check_cells = not reader.csv_fast or reader.maybe_long_cells
+    positions: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
+    json_lines = reader.suffix in (".jsonl", ".ndjson", ".json") and not reader.whole
+    columns: list[str] = []
+    column_problems: dict[str, str] = {}
+    first_error: tuple | None = None
+    any_rows = False
+    spans = reader.spans(trade_ids_only=not check_cells)
+    if json_lines:  # the file's columns, in the order a whole read gives them, and its first line error
+        def noting(frames):
+            nonlocal first_error, any_rows
+            for raw, lines in frames:
+                notes = C._read_notes(raw)
+                for col in raw.columns:
+                    if col not in column_problems and col in notes.column_problems:
+                        column_problems[col] = notes.column_problems[col]
+                seen = set(columns)
+                columns.extend(c for c in raw.columns if c not in seen)
+                if first_error is None and notes.line_errors:
+                    first_error = notes.line_errors[0]
+                any_rows = any_rows or len(raw) > 0
+                yield raw, lines
+        reader_spans = reader.spans
+        reader.spans = lambda trade_ids_only=False: noting(reader_spans(trade_ids_only))  # type: ignore[method-assign]
+        try:
+            for start, trade_ids, candidates in _candidate_spans(reader, limits, source, check_cells):
+                idx = np.flatnonzero(candidates)
+                positions.append(idx + start)
+                hashes.append(id_hashes(trade_ids.take(pa.array(idx))))
+        finally:
+            reader.spans = reader_spans  # type: ignore[method-assign]
         if not any_rows:
             if first_error is None:
                 raise ContractError(f"{reader.path}: empty file (no JSON object, only blank lines)")
@@ -389,12 +464,35 @@ def superseded_rows(reader: _Reader, limits: IngestLimits, source: str) -> np.nd
             raise ContractError(f"{reader.path}: not JSON Lines: no line is a JSON object (line {line}: {reason})")
         reader.json_columns, reader.json_column_problems = columns, column_problems
         C._require_columns(pd.DataFrame(columns=columns), C.TRADE_REQUIRED, source, ReadNotes("jsonl"))
+    else:
+        del spans
+        for start, trade_ids, candidates in _candidate_spans(reader, limits, source, check_cells):
+            idx = np.flatnonzero(candidates)
+            positions.append(idx + start)
+            hashes.append(id_hashes(trade_ids.take(pa.array(idx)) if len(idx) < len(trade_ids) else trade_ids))
     if not positions:
         return np.empty(0, dtype=np.int64)
-    all_ids = pa.chunked_array(ids, type=pa.large_string()).combine_chunks()
-    del ids
-    later = C._duplicated_keep_last(all_ids)
-    return np.concatenate(positions)[later]
+    h = np.concatenate(hashes)
+    pos = np.concatenate(positions)
+    del hashes, positions
+    order = np.argsort(h, kind="stable")
+    sorted_h = h[order]
+    same = sorted_h[1:] == sorted_h[:-1]
+    if not same.any():
+        return np.empty(0, dtype=np.int64)
+    shared = np.zeros(len(h), dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    members = np.sort(pos[order[shared]])
+    del h, pos, order, sorted_h
+    # exact: the ids of the rows sharing a hash, read again, compared as text (file order)
+    ids: list[pa.Array] = []
+    for start, trade_ids, _candidates in _candidate_spans(reader, limits, source, check_cells):
+        lo, hi = np.searchsorted(members, [start, start + len(trade_ids)])
+        if hi > lo:
+            ids.append(trade_ids.take(pa.array(members[lo:hi] - start)).cast(pa.large_string()))
+    later = C._duplicated_keep_last(pa.chunked_array(ids, type=pa.large_string()).combine_chunks())
+    return members[later]
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +522,7 @@ def ingest_trades_file(store: MetaStore, path: str | Path, *, domain: str, sourc
         if not reader.whole:
             if reader.suffix == ".parquet":
                 reader.parquet_prepare()
-            if reader.suffix == ".csv" and reader.csv_fast_candidate():
+            if reader.suffix == ".csv" and reader.csv_fast_candidate(limits.max_cell_chars):
                 reader.csv_fast = True
                 try:
                     superseded = superseded_rows(reader, limits, source)
@@ -432,6 +530,7 @@ def ingest_trades_file(store: MetaStore, path: str | Path, *, domain: str, sourc
                     reader.csv_fast = False
             if superseded is None:
                 superseded = superseded_rows(reader, limits, source)
+            pa.default_memory_pool().release_unused()  # the first pass's buffers, before the writes
         return _write_spans(store, reader, superseded, domain=domain, source=source, limits=limits,
                             after_span=after_span)
     except OSError as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from meta_pipeline.contracts import IngestLimits
@@ -224,3 +225,18 @@ def test_rows_over_the_limits_are_quarantined(tmp_path) -> None:
     assert report.ingested == 1 and list(q["line"]) == [2, 3]
     assert "more than 100 scope keys" in q["reason"].iloc[0] and "more than 1,000 patterns" in q["reason"].iloc[1]
     assert store.read("trade_scope", domain="d").empty  # no column per key was ever made
+
+
+def test_a_hash_collision_costs_time_never_a_row(tmp_path, monkeypatch) -> None:
+    """Every id hashed alike (the worst collision): the exact comparison still finds only real repeats."""
+    import meta_pipeline.ingest_stream as stream
+
+    path = _trades_csv(tmp_path / "c.csv", [f"t{i}" for i in range(120)] + ["t3", "t77"])
+    monkeypatch.setattr(stream, "id_hashes", lambda ids: np.zeros(len(ids), dtype=np.uint64))
+    store = MetaStore(db_url=f"sqlite:///{tmp_path / 'c.db'}")
+    landed = ingest_trades_file(store, path, domain="d", source="s", sizes=ChunkSizes(200, 2))
+    q = store.read("quarantine", domain="d").sort_values("line")
+    assert landed.spans > 3 and (landed.ingested, landed.duplicates_in_file) == (120, 2)
+    assert list(q["line"]) == [5, 79]  # the first t3 and t77 (header is line 1)
+    monkeypatch.undo()
+    assert len(np.unique(stream.id_hashes(pa.array([f"t{i}" for i in range(10_000)])))) == 10_000
