@@ -50,7 +50,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +273,8 @@ def _curve_ci(curves: np.ndarray) -> list[list[float]]:
 
 def negative_transfer_section(cfg: EvaluationConfig, seeds: Sequence[int]) -> dict[str, Any]:
     horizon = max(cfg.outlier_decisions)
-    no_guard = ControllerConfig(**{**asdict(cfg.controller), "negative_transfer_window": 100_000})
+    # replace, not asdict: asdict would turn the nested RewardWeights into a plain dict
+    no_guard = replace(cfg.controller, negative_transfer_window=100_000)
     curves = {a: [] for a in OUTLIER_ARMS}
     disabled_at, early_at = [], []
     for seed in seeds:
