@@ -45,6 +45,7 @@ from meta_pipeline.contracts import validate_trades
 from meta_pipeline.knobs import KNOBS, default_knobs
 from meta_pipeline.lab import synth
 from meta_pipeline.meta.controller import ControllerConfig, cold_start
+from meta_pipeline.meta.knob_screen import ScreenConfig, screen_knobs, start_screened_trial
 from meta_pipeline.meta.knob_trial import (
     LEARNING_KNOBS,
     SourceFrames,
@@ -120,6 +121,8 @@ class KnobTuningConfig:
     # a variant beside it (not the target's arm): trust regions as wide as a knob's whole range — paired
     # trials measure a move precisely and roll back a bad one on a few hundred trades
     controller_wide: ControllerConfig = field(default_factory=lambda: ControllerConfig(initial_step=0.5, max_step=1.0))
+    # the screened arm: the same controller, plus the counterfactual screen (meta.knob_screen) before each trial
+    screen: ScreenConfig = field(default_factory=ScreenConfig)
 
 
 def _sweep_values(name: str, points: int) -> list[float]:
@@ -179,18 +182,36 @@ def heldout_mse(fits: _Fits, knobs: dict[str, float], train_end: pd.Timestamp, h
     return float(np.mean((y - p) ** 2))
 
 
-def run_controller(fits: _Fits, grid: list[pd.Timestamp], config: ControllerConfig, seed: int) -> dict[str, Any]:
+def run_controller(fits: _Fits, grid: list[pd.Timestamp], config: ControllerConfig, seed: int,
+                   screen: ScreenConfig | None = None) -> dict[str, Any]:
     """N cycles of the controller with paired verdicts (module doc).
 
     A trial started at cycle c is built as of t_c (both arms) and scored on every trade closed
     after t_c so far; at the end of each cycle ``paired_verdict`` decides or lets it run on
-    (the canary window, at most PAIRED_MAX_TRADES trades), as the controller asset does."""
+    (the canary window, at most PAIRED_MAX_TRADES trades), as the controller asset does.
+    ``screen``: with no trial pending, first screen candidates counterfactually on the trades
+    realized by t_c (``meta.knob_screen``); a qualifying pick is the live trial, else the
+    arm holds (the next cycle screens again, on more realized trades: the folds' fit times sit on a
+    fixed calendar grid, so their fits are reused from cycle to cycle). Knob sets rolled
+    back since the last accept are not screened again (a revert was inconclusive: they may be)."""
     state = cold_start(None, config, seed=seed)
     state.baseline_mean, state.baseline_weight = 0.0, 1.0
     log = []
+    screens = []
+    rejected: list[dict[str, float]] = []
     started: int | None = None  # cycle at which the pending trial's arms were built
     for c in range(len(grid) - 1):
-        if state.pending is None:
+        screened = False
+        if state.pending is None and screen is not None:
+            before = fits.n_fits
+            res = screen_knobs(fits.frames, dict(state.knobs), grid[c], screen, fit=lambda k, a: fits.get(dict(k), a),
+                               exclude=rejected)
+            screens.append({"cycle": c + 1, **res.to_dict(), "note": res.note(), "new_fits": fits.n_fits - before})
+            screened = True
+            if res.pick is not None:
+                state = start_screened_trial(state, res.pick, config)
+                started = c
+        if state.pending is None and not screened:
             state, proposal = propose_next(state, config, only=LEARNING_KNOBS)
             started = c if proposal is not None else None
         if started is not None and state.pending is not None:
@@ -203,12 +224,15 @@ def run_controller(fits: _Fits, grid: list[pd.Timestamp], config: ControllerConf
                 state, out = judge_paired_trial(state, trial, config)
                 log.append({"cycle": c + 1, "started": started + 1, "knobs": {n: new[n] for n in moved},
                             "verdict": out["verdict"], "gain": trial.gain, "se": trial.se, "n": trial.n})
+                rejected = [] if out["verdict"] == "accept" else rejected + [new] * (out["verdict"] == "rollback")
                 started = None
         else:
             log.append({"cycle": c + 1, "verdict": "hold"})
         state = end_cycle(state)
     return {"knobs": dict(state.knobs), "log": log, "rollbacks": state.rollbacks, "reverts": state.reverts,
-            "accepts": state.accepts, "trials": sum(1 for r in log if r["verdict"] != "hold")}
+            "accepts": state.accepts, "trials": sum(1 for r in log if r["verdict"] != "hold"), "screens": screens,
+            "screen_picks": sum(1 for r in screens if r["pick"] is not None),
+            "screen_fits": sum(r["new_fits"] for r in screens)}
 
 
 def run_tpe(fits: _Fits, grid: list[pd.Timestamp], seed: int) -> dict[str, Any]:
@@ -274,6 +298,7 @@ def run_fleet(situation: str, seed: int, cfg: KnobTuningConfig) -> dict[str, Any
     oracle = oracle_sweep(fits, train_end, holdout, cfg.sweep_points)
     controller = run_controller(fits, grid, cfg.controller, seed)
     wide = run_controller(fits, grid, cfg.controller_wide, seed)
+    screened = run_controller(fits, grid, cfg.controller, seed, screen=cfg.screen)
     tpe = run_tpe(fits, grid, seed)
     y = holdout.trades["return_r"].to_numpy(dtype=float)
     mse_zero = float(np.mean(y * y))
@@ -282,9 +307,10 @@ def run_fleet(situation: str, seed: int, cfg: KnobTuningConfig) -> dict[str, Any
            "defaults_mse": oracle["defaults_mse"], "oracle": oracle,
            "controller": {**controller, "mse": heldout_mse(fits, controller["knobs"], train_end, holdout)},
            "controller_wide": {**wide, "mse": heldout_mse(fits, wide["knobs"], train_end, holdout)},
+           "controller_screened": {**screened, "mse": heldout_mse(fits, screened["knobs"], train_end, holdout)},
            "tpe": {**tpe, "mse": heldout_mse(fits, tpe["knobs"], train_end, holdout)}}
     base = out["defaults_mse"]
-    for arm in ("controller", "controller_wide", "tpe"):
+    for arm in ("controller", "controller_wide", "controller_screened", "tpe"):
         p_def = predict_edges(fits.get(default_knobs(), train_end), holdout)
         p_arm = predict_edges(fits.get(out[arm]["knobs"], train_end), holdout)
         out[arm]["paired_vs_defaults"] = paired_score(y, p_def, p_arm).to_dict()
@@ -304,7 +330,8 @@ def knob_tuning_section(cfg: KnobTuningConfig = KnobTuningConfig(),
             fleets.append(res)
             if progress:
                 progress(f"{situation} seed {seed}: defaults {res['defaults_mse']:.5f}, controller "
-                         f"{res['controller']['mse']:.5f} (wide {res['controller_wide']['mse']:.5f}), TPE {res['tpe']['mse']:.5f}, oracle {res['oracle']['mse']:.5f} "
+                         f"{res['controller']['mse']:.5f} (wide {res['controller_wide']['mse']:.5f}, screened "
+                         f"{res['controller_screened']['mse']:.5f}), TPE {res['tpe']['mse']:.5f}, oracle {res['oracle']['mse']:.5f} "
                          f"({res['n_fits']} fits, {res['seconds']:.0f} s)")
     return {"config": {"situations": list(cfg.situations), "seeds": list(cfg.seeds), "n_cycles": cfg.n_cycles,
                        "n_trades": cfg.n_trades, "tuning_days": cfg.tuning_days},
@@ -320,6 +347,7 @@ def summarize(fleets: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ctrl = float(sum(f["controller"]["improvement"] for f in fleets))
     tpe = float(sum(f["tpe"]["improvement"] for f in fleets))
     wide = float(sum(f["controller_wide"]["improvement"] for f in fleets))
+    screened = float(sum(f["controller_screened"]["improvement"] for f in fleets))
     share = _share(ctrl, oracle)
     per_situation = {}
     for situation in dict.fromkeys(f["situation"] for f in fleets):
@@ -329,6 +357,7 @@ def summarize(fleets: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "oracle_improvement": o,
             "controller_share": _share(sum(f["controller"]["improvement"] for f in group), o),
             "controller_wide_share": _share(sum(f["controller_wide"]["improvement"] for f in group), o),
+            "controller_screened_share": _share(sum(f["controller_screened"]["improvement"] for f in group), o),
             "tpe_share": _share(sum(f["tpe"]["improvement"] for f in group), o),
             "effects": {n: float(np.mean([f["oracle"]["effects"][n] for f in group])) for n in LEARNING_KNOBS},
         }
@@ -338,6 +367,10 @@ def summarize(fleets: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "controller_wide_rollbacks": int(sum(f["controller_wide"]["rollbacks"] for f in fleets)),
             "controller_wide_reverts": int(sum(f["controller_wide"]["reverts"] for f in fleets)),
             "controller_wide_accepts": int(sum(f["controller_wide"]["accepts"] for f in fleets)),
+            "controller_screened_improvement": screened, "controller_screened_share": _share(screened, oracle),
+            **{f"controller_screened_{k}": int(sum(f["controller_screened"][k] for f in fleets))
+               for k in ("rollbacks", "reverts", "accepts", "screen_picks", "screen_fits")},
+            "screened_target_met": bool(_share(screened, oracle) is not None and _share(screened, oracle) >= TARGET_SHARE),
             "target_met": bool(share is not None and share >= TARGET_SHARE),
             "rollbacks": int(sum(f["controller"]["rollbacks"] for f in fleets)),
             "reverts": int(sum(f["controller"]["reverts"] for f in fleets)),
@@ -358,7 +391,7 @@ def format_knob_tuning(res: dict[str, Any]) -> str:
              "",
              "held-out MSE (R²) of overrides fitted at train_end; improvement = MSE(defaults) − MSE(knobs)",
              "",
-             "| fleet | seed | trades / held-out | defaults | controller | TPE | oracle sweep | controller knobs | TPE knobs | oracle knobs | rollbacks / reverts / accepts |",
+             "| fleet | seed | trades / held-out | defaults | controller (live trials only) | TPE | oracle sweep | controller knobs | TPE knobs | oracle knobs | rollbacks / reverts / accepts |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for f in res["fleets"]:
         c, t, o = f["controller"], f["tpe"], f["oracle"]
@@ -373,27 +406,44 @@ def format_knob_tuning(res: dict[str, Any]) -> str:
         w = f["controller_wide"]
         lines.append(f"| {f['situation']} | {f['seed']} | {w['mse']:.5f} | {w['improvement']:+.5f} | {_fmt_knobs(w['knobs'])} | "
                      f"{w['rollbacks']} / {w['reverts']} / {w['accepts']} |")
+    lines += ["", "controller (screened): the same controller whose trials are proposed by the counterfactual knob "
+              "screen (meta.knob_screen: candidates refitted as of a past T, scored paired vs the incumbent on the trades "
+              "realized since, Bonferroni threshold), each pick then judged live and paired", "",
+              "| fleet | seed | held-out MSE | improvement | knobs | screens / picks / fits | rollbacks / reverts / accepts |",
+              "|---|---|---|---|---|---|---|"]
+    for f in res["fleets"]:
+        w = f["controller_screened"]
+        lines.append(f"| {f['situation']} | {f['seed']} | {w['mse']:.5f} | {w['improvement']:+.5f} | {_fmt_knobs(w['knobs'])} | "
+                     f"{len(w['screens'])} / {w['screen_picks']} / {w['screen_fits']} | "
+                     f"{w['rollbacks']} / {w['reverts']} / {w['accepts']} |")
     lines += ["", "Per-knob effect size: held-out MSE at the knob's high bound minus at its low bound (others at defaults), "
               "mean over seeds", "",
-              "| fleet | " + " | ".join(LEARNING_KNOBS) + " | oracle improvement | controller share | TPE share |",
-              "|---|" + "---|" * (len(LEARNING_KNOBS) + 3)]
+              "| fleet | " + " | ".join(LEARNING_KNOBS) + " | oracle improvement | controller share | screened share | TPE share |",
+              "|---|" + "---|" * (len(LEARNING_KNOBS) + 4)]
     for situation, p in s["per_situation"].items():
         share = "n/a" if p["controller_share"] is None else f"{p['controller_share']:.2f}"
         tshare = "n/a" if p["tpe_share"] is None else f"{p['tpe_share']:.2f}"
+        sshare = "n/a" if p["controller_screened_share"] is None else f"{p['controller_screened_share']:.2f}"
         lines.append(f"| {situation} | " + " | ".join(f"{p['effects'][n]:+.5f}" for n in LEARNING_KNOBS)
-                     + f" | {p['oracle_improvement']:+.5f} | {share} | {tshare} |")
+                     + f" | {p['oracle_improvement']:+.5f} | {share} | {sshare} | {tshare} |")
     share = "n/a (the oracle sweep improves nothing)" if s["controller_share"] is None else f"{s['controller_share']:.2f}"
     tshare = "n/a" if s["tpe_share"] is None else f"{s['tpe_share']:.2f}"
     lines += ["",
-              f"pooled over fleets: oracle improvement {s['oracle_improvement']:+.5f}, controller {s['controller_improvement']:+.5f} "
+              f"pooled over fleets: oracle improvement {s['oracle_improvement']:+.5f}, controller (live trials only) {s['controller_improvement']:+.5f} "
               f"(share {share}), TPE {s['tpe_improvement']:+.5f} (share {tshare}); controller rollbacks {s['rollbacks']}, "
               f"reverts {s['reverts']}, accepts {s['accepts']}",
               f"variant with wide trust regions: {s['controller_wide_improvement']:+.5f} (share "
               + ("n/a" if s["controller_wide_share"] is None else f"{s['controller_wide_share']:.2f}")
               + f"), rollbacks {s['controller_wide_rollbacks']}, reverts {s['controller_wide_reverts']}, "
               f"accepts {s['controller_wide_accepts']}",
+              f"controller (screened): {s['controller_screened_improvement']:+.5f} (share "
+              + ("n/a" if s["controller_screened_share"] is None else f"{s['controller_screened_share']:.2f}")
+              + f"), screen picks {s['controller_screened_screen_picks']}, screen fits {s['controller_screened_screen_fits']}, "
+              f"rollbacks {s['controller_screened_rollbacks']}, reverts {s['controller_screened_reverts']}, "
+              f"accepts {s['controller_screened_accepts']}",
               f"target: controller ≥ {TARGET_SHARE:.0%} of the oracle sweep's improvement within {cfg['n_cycles']} cycles — "
-              f"{'MET' if s['target_met'] else 'NOT MET'}"]
+              f"controller (live trials only) {'MET' if s['target_met'] else 'NOT MET'}; controller (screened) "
+              f"{'MET' if s['screened_target_met'] else 'NOT MET'}"]
     return "\n".join(lines)
 
 

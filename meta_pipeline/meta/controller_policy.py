@@ -36,6 +36,7 @@ from meta_pipeline.knobs import KNOB_NAMES, parse_knobs
 from meta_pipeline.meta.controller import ControllerConfig, ControllerState, cold_start, inject_change
 from meta_pipeline.meta.fallback import advance_with_fallback
 from meta_pipeline.meta.priors import EARLY_PROBE_TICKS, early_negative_transfer
+from meta_pipeline.meta.knob_screen import screen_step
 from meta_pipeline.meta.knob_trial import paired_step, stamp_change
 from meta_pipeline.meta.reward import telemetry_reward, with_realized_term
 from meta_pipeline.meta.warm_start import WarmStartInputs, cold_start_new_domain, never_decided, pull_target
@@ -98,7 +99,7 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
                 active: tuple[int, Mapping[str, object]] | None, read_telemetry, cfg: ControllerConfig,
                 seed: int = 0, warm_start_inputs: WarmStartInputs | None = None, *,
                 feedback_cycles: pd.DataFrame | None = None, paired_judge=None,
-                now: pd.Timestamp | None = None) -> DomainStep:
+                now: pd.Timestamp | None = None, paired_screen=None) -> DomainStep:
     """Rules 1–5 for one domain (module doc). ``read_telemetry(last_ts)`` returns the ticks after
     ``last_ts`` (all of them for None) in the store layout, oldest first: the state decides from
     when, so the caller reads only what is new. Raises ``controller.TelemetryError`` on a bad tick
@@ -107,7 +108,9 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
     ``feedback_cycles`` (the domain's feedback_cycles rows; None: not read) adds the realized
     gain of its overrides to the reward (``reward.with_realized_term``; no feedback yet:
     telemetry alone, said in each decision's note). ``paired_judge`` (see
-    ``knob_trial.paired_step``) closes a pending learning-knob trial on its paired verdict."""
+    ``knob_trial.paired_step``) closes a pending learning-knob trial on its paired verdict;
+    ``paired_screen`` (see ``knob_screen.screen_step``), with no trial pending, screens learning-knob
+    candidates counterfactually on realized trades and starts the qualifying pick as the live trial."""
     notes: list[str] = []
     external = False
     prior = latest.values if latest is not None else None
@@ -139,6 +142,8 @@ def step_domain(domain: str, row: pd.DataFrame, latest: GlobalPriorVersion | Non
         adopted = active[0]
     state, paired, paired_notes = paired_step(state, paired_judge, cfg)
     notes += paired_notes
+    state, screened, screen_notes = screen_step(state, paired_screen, cfg)
+    paired, notes = paired + screened, notes + screen_notes
     telemetry = read_telemetry(state.last_ts)
     realized = None
     if feedback_cycles is not None and len(telemetry):

@@ -22,6 +22,14 @@ from meta_pipeline.meta.controller import ControllerConfig, TelemetryError, knob
 from meta_pipeline.meta.controller_policy import TELEMETRY_COLUMNS, decision_rows, state_row, step_domain
 from meta_pipeline.defs.learning.assets import SOURCE_COLUMNS, TRADE_COLUMNS
 from meta_pipeline.learning.predict import override_model
+from meta_pipeline.meta.knob_screen import (
+    FAMILY_ALPHA,
+    SCREEN_BUDGET,
+    SCREEN_FOLD_DAYS,
+    SCREEN_FOLDS,
+    ScreenConfig,
+    screen_knobs,
+)
 from meta_pipeline.meta.knob_trial import (
     LEARNING_KNOBS,
     MIN_PAIRED_TRADES,
@@ -66,6 +74,15 @@ class ControllerRunConfig(dg.Config):
                                    description="realized trades after the post-change overrides version before judging")
     max_paired_trades: int = Field(default=PAIRED_MAX_TRADES, ge=2,
                                    description="a paired trial is decided at the latest on this many realized trades")
+    screen_learning_knobs: bool = Field(
+        default=False, description="with no trial pending, screen learning-knob candidates counterfactually on "
+                                   "realized trades (meta.knob_screen) and start the qualifying pick as the live "
+                                   "trial; costs ≤ (screen_budget + 1) × screen_folds override refits per run")
+    screen_budget: int = Field(default=SCREEN_BUDGET, ge=1, le=100, description="candidates fitted per screen")
+    screen_folds: int = Field(default=SCREEN_FOLDS, ge=1, le=10, description="walk-forward folds the screen scores")
+    screen_fold_days: float = Field(default=SCREEN_FOLD_DAYS, gt=0.0, description="days between the folds' fit times")
+    screen_family_alpha: float = Field(default=FAMILY_ALPHA, gt=0.0, lt=1.0,
+                                       description="the screen's family-wise false-pick rate (Bonferroni)")
 
     def controller_config(self) -> ControllerConfig:
         weights = RewardWeights(self.w_gain, self.w_stability, self.w_resource, self.w_realized,
@@ -96,6 +113,24 @@ def _paired_judge(store, domain: str, min_trades: int):
         return trial, ""
 
     return judge
+
+
+def _paired_screen(store, domain: str, config: "ControllerRunConfig"):
+    """The controller's counterfactual knob screen for one domain (``knob_screen.screen_step``): the domain's
+    source tables and drift breaks, candidates refitted as of the folds' times, scored paired vs the incumbent."""
+    screen_cfg = ScreenConfig(budget=config.screen_budget, folds=config.screen_folds,
+                              fold_days=config.screen_fold_days, family_alpha=config.screen_family_alpha)
+
+    def screen(state):
+        trades = store.read("trades", domain=domain, columns=TRADE_COLUMNS, order_by=["closed_at", "trade_id"])
+        if trades.empty:
+            return None
+        frames = SourceFrames(trades, *(store.read(t, domain=domain, columns=SOURCE_COLUMNS[t])
+                                        for t in ("trade_patterns", "trade_scope", "trade_metrics")))
+        return screen_knobs(frames, state.knobs, pd.Timestamp.now(tz="UTC"), screen_cfg,
+                            drift_events=store.read("drift_events", domain=domain))
+
+    return screen
 
 
 def _trajectory_figure(history: pd.DataFrame, domain: str) -> Figure:
@@ -156,6 +191,8 @@ def controller_state(
                                feedback_cycles=store.read("feedback_cycles", domain=domain, conn=conn),
                                paired_judge=(_paired_judge(store, domain, config.min_paired_trades)
                                              if cfg.paired_knobs else None), now=now,
+                               paired_screen=(_paired_screen(store, domain, config)
+                                              if cfg.paired_knobs and config.screen_learning_knobs else None),
                                # read only at a cold start: the fleet's priors and telemetry for the warm start
                                warm_start_inputs=lambda: (store.read("domain_priors", conn=conn),
                                                           store.read("telemetry", columns=["domain", *SHIFT_FEATURES],
