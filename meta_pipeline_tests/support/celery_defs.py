@@ -33,7 +33,7 @@ def learning_defs(job_name: str, executor_def: dg.ExecutorDefinition, store: Met
     """The repo's assets and checks, one job over the learning group, a given store."""
     job = dg.define_asset_job(job_name, selection=LEARNING_SELECTION, executor_def=executor_def)
     return dg.Definitions(assets=repo_defs.assets, asset_checks=repo_defs.asset_checks, jobs=[job],
-                          resources={STORE_KEY: store})
+                          resources={**(repo_defs.resources or {}), STORE_KEY: store})
 
 
 def learning_celery_job() -> dg.JobDefinition:
