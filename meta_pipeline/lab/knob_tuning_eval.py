@@ -15,7 +15,12 @@ parameters below. Per fleet (one domain, one seed):
   the end of each cycle by the asset's sequential rule (``paired_verdict``: a clear result
   decides at once, else the trial runs on for more cycles, up to PAIRED_MAX_TRADES trades)
   and closed by ``judge_paired_trial`` (accept / revert / rollback).
-  Its knobs after N cycles are the controller's answer.
+  Its knobs after N cycles are the controller's answer ("controller (live trials only)").
+* **controller (screened).** The same controller, but with no trial pending it first
+  screens learning-knob candidates counterfactually on the trades realized by t_c
+  (``meta.knob_screen``: refits as of walk-forward fold times, paired vs the incumbent,
+  max-T family-wise threshold); a qualifying pick is the live trial, judged as above;
+  none qualifying → it holds that cycle and screens again on more trades.
 * **Optuna TPE** (the peer): one trial per cycle on the same cycles, objective = the
   paired alignment gain of its knobs over the defaults on that cycle's trades; its
   answer is the best trial's knobs.
