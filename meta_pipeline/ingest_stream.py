@@ -148,8 +148,9 @@ class _Reader:
     def _csv_fast_spans(self, trade_ids_only: bool) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
         header = self.csv_header
         include = ["trade_id"] if trade_ids_only and "trade_id" in header else header
+        source = pa.OSFile(str(self.path))  # a plain file: with a path pyarrow holds far more of it in memory
         reader = pa_csv.open_csv(
-            self.path,
+            source,
             # blocks of at most 16 MiB: larger ones cost pyarrow's streaming reader time and memory
             read_options=pa_csv.ReadOptions(block_size=min(self.sizes.chunk_bytes, FAST_BLOCK_BYTES),
                                             use_threads=not trade_ids_only),
@@ -159,7 +160,7 @@ class _Reader:
                 quoted_strings_can_be_null=False, null_values=[], auto_dict_encode=False, include_columns=include),
         )
         done = 0
-        for batch in reader:
+        for batch in _closing(reader, source):
             if batch.num_rows == 0:
                 continue
             if batch.schema.names != include or any(not pa.types.is_string(t) for t in batch.schema.types):
@@ -247,6 +248,13 @@ class _Reader:
         except Exception as exc:  # noqa: BLE001
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ContractError(f"{self.path}: not a readable Parquet file ({first[:300]})") from exc
+
+
+def _closing(reader: pa_csv.CSVStreamingReader, source: pa.NativeFile) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from reader
+    finally:
+        source.close()
 
 
 class _NotFast(Exception):
