@@ -173,12 +173,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not run_prompt_demo(store, instance):
         failed.append("prompts")
-    print("prompts: prompt evolution of the sample task commonsense-mc (docs/prompts.md; default model: the "
-          "simulated one, META_PIPELINE_LLM_PROVIDER=scripted)")
-    from meta_pipeline.commands.prompts import run_prompt_demo
-
-    if not run_prompt_demo(store, instance):
-        failed.append("prompts")
 
     print("\nSummary")
     for table_name in (
