@@ -170,3 +170,29 @@ def test_step_domain_starts_the_screen_pick_as_a_paired_trial_the_sensor_sees():
     again = step_domain("dom", state_row("dom", step.state, now, None), None, None, lambda last_ts: empty, cfg,
                         paired_screen=lambda s: pytest.fail("screened with a trial pending"), now=now)
     assert again.state.knobs["g_min"] == 0.1
+
+
+def test_a_screen_pick_is_accepted_live_on_a_positive_gain_a_local_trial_needs_z_1():
+    """The screen's pick passed a family-wise test already: at the end of its live window it is accepted when
+    its fresh trades show a positive gain (z > 0); a trial of the controller's own proposer needs z ≥ 1."""
+    from meta_pipeline.meta.knob_trial import LEARNING_KNOBS, live_accept_z, paired_step, propose_next
+
+    cfg = ControllerConfig(paired_knobs=LEARNING_KNOBS, paired_max_trades=1_500)
+    inc = default_knobs()
+    pick = ScreenedCandidate({**inc, "g_min": 0.1}, {"g_min": 0.1}, "knob", PairedTrial(3000, 1, 1, 1, 0.01, 0.003))
+    from meta_pipeline.meta.knob_screen import start_screened_trial
+
+    state = cold_start(None, cfg, seed=0)
+    state.knobs = dict(inc)
+    screened = start_screened_trial(state, pick, cfg)
+    weak = PairedTrial(1_600, 1.0, 0.9995, 1.0, 0.0005, 0.001)  # z = 0.5 after the whole window
+    assert live_accept_z(screened) < 1e-6
+    done, decisions, _ = paired_step(screened, lambda s: (weak, ""), cfg)
+    assert decisions[0]["accepted"] and done.knobs["g_min"] == 0.1
+    local, proposal = propose_next(state, cfg, only=LEARNING_KNOBS)
+    assert proposal and live_accept_z(local) == 1.0
+    done, decisions, _ = paired_step(local, lambda s: (weak, ""), cfg)
+    assert decisions[0]["reverted"] and done.knobs == state.knobs
+    # a pick whose fresh trades show a loss is not accepted
+    done, decisions, _ = paired_step(screened, lambda s: (PairedTrial(1_600, 1, 1.0005, 1, -0.0005, 0.001), ""), cfg)
+    assert decisions[0]["reverted"] and done.knobs["g_min"] == inc["g_min"]

@@ -58,6 +58,7 @@ from meta_pipeline.meta.knob_trial import (
     end_cycle,
     fit_override_model,
     judge_paired_trial,
+    live_accept_z,
     paired_verdict,
     paired_score,
     predict_edges,
@@ -225,8 +226,10 @@ def run_controller(fits: _Fits, grid: list[pd.Timestamp], config: ControllerConf
             trial = counterfactual_trial(fits.frames, a, old, None, grid[c + 1],
                                          old_model=fits.get(old, a), new_model=fits.get(new, a))
             moved = [n for n in LEARNING_KNOBS if old[n] != new[n]]
-            if paired_verdict(trial, max_trades=config.paired_max_trades) is not None or c == len(grid) - 2:
-                state, out = judge_paired_trial(state, trial, config)
+            accept_z = live_accept_z(state)  # a screen's pick: accepted unless its fresh trades show no gain
+            if (paired_verdict(trial, accept_z=accept_z, max_trades=config.paired_max_trades) is not None
+                    or c == len(grid) - 2):
+                state, out = judge_paired_trial(state, trial, config, accept_z=accept_z)
                 log.append({"cycle": c + 1, "started": started + 1, "knobs": {n: new[n] for n in moved},
                             "verdict": out["verdict"], "gain": trial.gain, "se": trial.se, "n": trial.n})
                 rejected = [] if out["verdict"] == "accept" else rejected + [new] * (out["verdict"] == "rollback")

@@ -58,6 +58,15 @@ PAIRED_ACCEPT_Z = 1.0  # accept when the paired gain is at least this many SEs a
 PAIRED_ROLLBACK_Z = 2.0  # roll back when it is at least this many SEs below 0
 PAIRED_EARLY_Z = 1.5  # before PAIRED_MAX_TRADES: accept early beyond this many SEs (revert early below −it)
 PAIRED_MAX_TRADES = 1_500  # a trial is decided at the latest once this many realized trades scored it
+# a trial proposed by the counterfactual screen (meta.knob_screen; pending source "screen") already passed a
+# family-wise test on realized trades: live, it is accepted when its fresh trades show a positive gain (z > 0;
+# the tiny positive threshold keeps a trial that priced every trade alike, z = 0, from being accepted)
+SCREENED_ACCEPT_Z = 1e-9
+
+
+def live_accept_z(state: controller_core.ControllerState) -> float:
+    """The live accept threshold of the pending trial: SCREENED_ACCEPT_Z for a screen's pick, else PAIRED_ACCEPT_Z."""
+    return SCREENED_ACCEPT_Z if (state.pending or {}).get("source") == "screen" else PAIRED_ACCEPT_Z
 
 
 def paired_verdict(trial: PairedTrial, *, accept_z: float = PAIRED_ACCEPT_Z, rollback_z: float = PAIRED_ROLLBACK_Z,
@@ -412,11 +421,13 @@ def paired_step(state: controller_core.ControllerState, paired_judge, config: co
     trial, why = paired_judge(state)
     if trial is None:
         return state, [], [why] if why else []
-    if paired_verdict(trial, max_trades=config.paired_max_trades) is None:
+    accept_z = live_accept_z(state)
+    if paired_verdict(trial, accept_z=accept_z, max_trades=config.paired_max_trades) is None:
         return state, [], [f"trial of {', '.join(state.pending['knobs'])} not decided yet: alignment gain "
                            f"{trial.gain:+.5f} ± {trial.se:.5f} (z {trial.z:+.2f}) on {trial.n} trades after "
                            f"overrides v{trial.version}; scoring continues up to {config.paired_max_trades} trades"]
-    judged, outcome = judge_paired_trial(state, trial, config, w_realized=config.reward_weights.realized)
+    judged, outcome = judge_paired_trial(state, trial, config, w_realized=config.reward_weights.realized,
+                                         accept_z=accept_z)
     state, decision = paired_decision(state, judged, outcome)
     return state, [decision], []
 
