@@ -416,7 +416,7 @@ def format_knob_tuning(res: dict[str, Any]) -> str:
                      f"{w['rollbacks']} / {w['reverts']} / {w['accepts']} |")
     lines += ["", "controller (screened): the same controller whose trials are proposed by the counterfactual knob "
               "screen (meta.knob_screen: candidates refitted as of a past T, scored paired vs the incumbent on the trades "
-              "realized since, Bonferroni threshold), each pick then judged live and paired", "",
+              "realized since, max-T family-wise threshold), each pick then judged live and paired (accepted on a positive gain)", "",
               "| fleet | seed | held-out MSE | improvement | knobs | screens / picks / fits | rollbacks / reverts / accepts |",
               "|---|---|---|---|---|---|---|"]
     for f in res["fleets"]:
