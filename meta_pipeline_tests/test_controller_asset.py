@@ -17,7 +17,6 @@ from meta_pipeline.meta.fallback import advance_with_fallback
 from meta_pipeline.meta.controller import (
     ControllerConfig,
     ControllerState,
-    advance,
     cold_start,
     knob_bound_problems,
 )

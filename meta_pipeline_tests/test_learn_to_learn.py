@@ -15,7 +15,6 @@ from meta_pipeline.meta.controller import ControllerConfig, cold_start
 from meta_pipeline.meta.controller_policy import step_domain
 from meta_pipeline.meta.fallback import FALLBACK_NOTE, FallbackConfig, advance_with_fallback, observe
 from meta_pipeline.meta.priors import (
-    PriorRollbackConfig,
     WarmStartSettings,
     choose_warm_start,
     fleet_reward_by_version,

@@ -46,7 +46,7 @@ import pandas as pd
 
 from meta_pipeline.contracts import TradesBatch
 from meta_pipeline.knobs import KNOB_NAMES, KNOBS, default_knobs
-from meta_pipeline.lab.synth import CHAINS, HOURS_PER_DAY, DomainData, generate_fleet
+from meta_pipeline.lab.synth import HOURS_PER_DAY, DomainData, generate_fleet
 from meta_pipeline.learning.factors import find_latent_factors
 from meta_pipeline.learning.halflife import fit_half_lives
 from meta_pipeline.learning.lessons import edge_history, mine_lessons
