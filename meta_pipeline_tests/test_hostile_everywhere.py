@@ -38,7 +38,7 @@ from meta_pipeline.defs.ingest.assets import trades as trades_asset
 from meta_pipeline.defs.ingest.sensors import inbox_run_requests
 from meta_pipeline.ingest import REASON_SUFFIX, InboxFile, InboxFileRejected, ingest_file, ingest_inbox_file
 from meta_pipeline.store import MetaStore
-from meta_pipeline_tests.test_ingest_hostile import CORPUS, Case, _domain, _write_parquet
+from meta_pipeline_tests.test_ingest_hostile import CORPUS, Case, _domain, write_corpus
 
 KINDS = ("trades", "telemetry", "feedback")
 KNOWN_TRADES = "trade_id,closed_at,regime,return_r,patterns\nk1,2026-06-01T10:00:00Z,S0,0.5,A.x\n"
@@ -46,14 +46,7 @@ KNOWN_TRADES = "trade_id,closed_at,regime,return_r,patterns\nk1,2026-06-01T10:00
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile_everywhere")
-    for case in CORPUS:
-        path = folder / case.name
-        if case.name == "parquet_rows.parquet":
-            _write_parquet(path)
-        else:
-            path.write_bytes(case.data)
-    return folder
+    return write_corpus(tmp_path_factory.mktemp("hostile_everywhere"))
 
 
 @pytest.fixture(autouse=True)

@@ -322,16 +322,20 @@ def _write_parquet(path: Path) -> None:
 CORPUS = build_corpus()
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile")
-    for case in CORPUS:
+def write_corpus(folder: Path, cases: list[Case] = CORPUS) -> Path:
+    """The corpus files in ``folder`` (the one Parquet case written by pandas); returns the folder."""
+    for case in cases:
         path = folder / case.name
         if case.name == "parquet_rows.parquet":
             _write_parquet(path)
         else:
             path.write_bytes(case.data)
     return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("hostile"))
 
 
 def _domain(case: Case) -> str:

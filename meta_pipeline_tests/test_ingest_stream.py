@@ -27,7 +27,7 @@ from meta_pipeline.contracts import IngestLimits
 from meta_pipeline.ingest import ingest_file
 from meta_pipeline.ingest_stream import ChunkSizes, _Reader, ingest_trades_file
 from meta_pipeline.store import MetaStore
-from meta_pipeline_tests.test_ingest_hostile import CORPUS, _problems, _run, _write_parquet
+from meta_pipeline_tests.test_ingest_hostile import CORPUS, _problems, _run, write_corpus
 
 TINY = {"META_PIPELINE_INGEST_CHUNK_BYTES": "16", "META_PIPELINE_INGEST_CHUNK_ROWS": "2"}
 TRADE_CASES = [c for c in CORPUS if c.kind == "trades"]
@@ -35,14 +35,7 @@ TRADE_CASES = [c for c in CORPUS if c.kind == "trades"]
 
 @pytest.fixture(scope="module")
 def trade_corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("hostile_trades")
-    for case in TRADE_CASES:
-        path = folder / case.name
-        if case.name == "parquet_rows.parquet":
-            _write_parquet(path)
-        else:
-            path.write_bytes(case.data)
-    return folder
+    return write_corpus(tmp_path_factory.mktemp("hostile_trades"), TRADE_CASES)
 
 
 def test_hostile_trades_in_tiny_spans_give_the_stated_answers(any_store, trade_corpus, monkeypatch) -> None:
