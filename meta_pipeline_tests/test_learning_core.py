@@ -529,3 +529,15 @@ def test_empty_trades_give_empty_outputs_and_missing_columns_raise():
     assert predict(ov, None, empty.trades, empty.patterns, empty.scope, empty.metrics).empty
     with pytest.raises(ValueError, match="return_r"):
         mine_lessons(empty.trades.drop(columns=["return_r"]), empty.patterns, empty.scope)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", "é", "", "dd"]), max_size=40),
+       st.lists(st.sampled_from(["a", "b", "x", "é", ""]), unique=True, max_size=5))
+def test_positions_of_finds_every_value_with_runs_or_without(values, reference) -> None:
+    """Runs of equal ids are looked up once (the long tables come clustered by trade): same answer."""
+    got = positions_of(pd.Series(reference, dtype="str"), pd.Series(values, dtype="str"))
+    assert got.tolist() == [reference.index(v) if v in reference else -1 for v in values]

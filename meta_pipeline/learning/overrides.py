@@ -207,6 +207,14 @@ def _row_of_pair(any_row: np.ndarray, reg_row: np.ndarray, lesson_idx: np.ndarra
     return row
 
 
+def _compact(index: np.ndarray) -> np.ndarray:
+    """Non-negative indices as int32 when they fit (they index millions of pairs), else as given."""
+    if index.size and index.dtype != np.int32 and int(index.max(initial=0)) < np.iinfo(np.int32).max \
+            and int(index.min(initial=0)) >= np.iinfo(np.int32).min:
+        return index.astype(np.int32)
+    return index
+
+
 class _Cells:
     """(factor, trade) cells of (lesson, trade) pairs, each cell's pairs in precedence order.
 
@@ -220,15 +228,20 @@ class _Cells:
         width = max(n_ranks, 1)
         if cell.size and int(cell.max()) < np.iinfo(np.int64).max // width:
             # one sort gives both: the (cell, rank) order and dense cell ids along it
-            self.order = np.argsort(cell * width + rank)  # keys are unique: a lesson meets a trade once
+            key = cell * width
+            key += rank
+            self.order = _compact(np.argsort(key))  # keys are unique: a lesson meets a trade once
+            del key
             sorted_cell = cell[self.order]
             starts = np.ones(sorted_cell.size, dtype=bool)
             starts[1:] = sorted_cell[1:] != sorted_cell[:-1]
-            self.cell_inv = np.empty_like(cell)
-            self.cell_inv[self.order] = np.cumsum(starts) - 1
+            del sorted_cell
+            cell_inv = np.empty(cell.size, dtype=self.order.dtype)
+            cell_inv[self.order] = np.cumsum(starts, dtype=self.order.dtype) - 1
+            self.cell_inv = cell_inv
         else:  # a (cell, rank) key that would overflow int64: dense cell ids first
-            self.cell_inv = dense_groups(cell)[1]
-            self.order = np.argsort(self.cell_inv * width + rank)
+            self.cell_inv = _compact(dense_groups(cell)[1])
+            self.order = _compact(np.argsort(self.cell_inv.astype(np.int64) * width + rank))
         self.n_cells = int(self.cell_inv.max()) + 1 if self.cell_inv.size else 0
 
     def winners(self, active: np.ndarray) -> np.ndarray:
@@ -265,15 +278,25 @@ class _Problem:
         # priority = the apply's order within a factor (lower rank wins)
         self.prio_of_lesson = precedence_rank(lessons["n_scope_keys"], lessons["n"], lessons["lesson_key"])
 
+        # one entry per (lesson, trade) pair: tens of millions at 5M trades, so the per-pair
+        # index arrays are int32 where their range allows (half the memory and bandwidth)
         self.li = lesson_trades["lesson_idx"].to_numpy(np.int64)
         self.ti = lesson_trades["trade_idx"].to_numpy(np.int64)
-        self.pf = self.factor_code[self.li].astype(np.int64)
-        self.prio = self.prio_of_lesson[self.li]
-        expo = np.clip(-lam[self.li] * (t_hours[self.ti] - anchor[self.li]), -_MAX_EXP, _MAX_EXP)
-        self.s = np.exp(expo)
+        self.pf = _compact(self.factor_code.astype(np.int64)[self.li])
+        self.prio = _compact(self.prio_of_lesson)[self.li]
+        # s = exp(clip(−λ·(t − anchor))), built in place (one pair-sized temporary, not four)
+        self.s = t_hours[self.ti]
+        self.s -= anchor[self.li]
+        self.s *= lam[self.li]
+        np.negative(self.s, out=self.s)
+        np.clip(self.s, -_MAX_EXP, _MAX_EXP, out=self.s)
+        np.exp(self.s, out=self.s)
         self.cells = _Cells(self.pf, self.ti, self.prio, self.n_trades, self.n_les)
         self.cell_inv, self.n_cells = self.cells.cell_inv, self.cells.n_cells
-        self.lesson_regime = self.li * n_regimes + regime_code[self.ti]  # flat (lesson, regime) per pair
+        lesson_regime = self.li * n_regimes  # flat (lesson, regime) per pair
+        lesson_regime += regime_code[self.ti]
+        self.lesson_regime = _compact(lesson_regime)
+        del lesson_regime
 
     # -- rows: (lesson, regime or -1 = any) -----------------------------------
     def pair_rows(self, any_row: np.ndarray, reg_row: np.ndarray) -> np.ndarray:
