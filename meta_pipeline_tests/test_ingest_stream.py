@@ -74,6 +74,33 @@ def test_tiny_spans_land_what_a_whole_read_lands(tmp_path, trade_corpus, monkeyp
                                     rb.ignored_columns, rb.reasons), case.name
 
 
+def test_spans_joined_from_small_blocks_land_what_a_whole_read_lands(tmp_path, monkeypatch) -> None:
+    """The fast CSV reader joins pyarrow's small blocks into spans: rows, lines and quarantine as a whole read."""
+    import meta_pipeline.ingest_stream as stream
+
+    path = _trades_csv(tmp_path / "t.csv", [f"t{i}" for i in range(3000)] + ["t7", "t1500"], bad_return={5, 2999})
+    whole = MetaStore(db_url=f"sqlite:///{tmp_path / 'whole.db'}")
+    joined = MetaStore(db_url=f"sqlite:///{tmp_path / 'joined.db'}")
+    a = ingest_trades_file(whole, path, domain="d", source="f")
+    monkeypatch.setattr(stream, "FAST_READ_BYTES", 512)  # blocks of ~9 rows, spans of ~4 KiB: many blocks per span
+    reader = _Reader(path, ChunkSizes(chunk_bytes=4096))
+    assert reader.csv_fast_candidate(10_000)
+    reader.csv_fast = True
+    spans = list(reader.spans())
+    assert len(spans) > 10 and all(len(raw) > 20 for raw, _ in spans[:-1])  # each span is several blocks
+    assert np.concatenate([lines for _, lines in spans]).tolist() == list(range(2, 3004))
+    b = ingest_trades_file(joined, path, domain="d", source="f", sizes=ChunkSizes(chunk_bytes=4096))
+    assert b.spans == len(spans) and (a.ingested, a.quarantined, a.duplicates_in_file) == (b.ingested, b.quarantined,
+                                                                                          b.duplicates_in_file)
+    cols = ["trade_id", "closed_at", "regime", "return_r"]
+    pd.testing.assert_frame_equal(whole.read("trades", domain="d", columns=cols, order_by="trade_id"),
+                                  joined.read("trades", domain="d", columns=cols, order_by="trade_id"))
+    qa, qb = (s.read("quarantine", domain="d").sort_values("line")[["line", "reason"]].reset_index(drop=True)
+              for s in (whole, joined))
+    pd.testing.assert_frame_equal(qa, qb)
+    assert sorted(qa["line"]) == [7, 9, 1502, 3001]  # two bad returns, two ids repeated later
+
+
 def _trades_csv(path: Path, ids: list[str], *, bad_return: set[int] = frozenset()) -> Path:
     rows = ["trade_id,closed_at,regime,return_r,patterns,scope.venue"]
     for i, tid in enumerate(ids):
