@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--naive-budget", type=float, default=60.0,
                    help="seconds a naive baseline may take before it is timed on a sample and extrapolated (default 60)")
     p.add_argument("--no-dagster", action="store_true", help="skip the `dagster asset materialize` measurements")
+    p.add_argument("--no-cli", action="store_true",
+                   help="skip the CLI path (`meta-pipeline ingest` + `dagster asset materialize`, up to 1M trades)")
     p.add_argument("--no-fleet", action="store_true", help="skip the 20-domain fleet of the large tier")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baselines (minutes at 5M trades)")
     p.add_argument("--no-controller-day", action="store_true",
@@ -50,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = abs_path(args.out)
     opts = BenchOptions(repeat=args.repeat, seed=args.seed, naive_budget_s=args.naive_budget,
                         dagster=not args.no_dagster, fleet=not args.no_fleet, naive=not args.no_naive,
-                        controller_day=not args.no_controller_day,
+                        controller_day=not args.no_controller_day, cli=not args.no_cli,
                         keep_data=args.keep_data)
     command = "meta-pipeline " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("meta-pipeline") else None
     progress = None if args.json else (lambda text: print(text, file=sys.stderr, flush=True))

@@ -103,6 +103,8 @@ class BenchOptions:
     fleet: bool = True
     controller_day: bool = True  # controller runs + Dagster storage per simulated day at 100 domains
     naive: bool = True  # time the naive baselines (minutes at 5M: --no-naive skips them)
+    cli: bool = True  # the user's path: `meta-pipeline ingest` then `dagster asset materialize` (fresh processes)
+    cli_max_trades: int = 1_000_000  # above this the CLI path is skipped (it repeats ingest and learning)
     keep_data: bool = False
     # tests: run the stages in this process (no per-stage memory figures, no process start-up)
     workers_in_process: bool = False
@@ -210,7 +212,7 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
 
 # issue 17 (scale): 1M < 30 s and < 3 GiB; ingest < 1 GiB at any size and within 1.5× its floor;
 # 5M complete, < 8 GiB, time <= 5.5× the 1M time
-SCALE_1M_WALL_S, SCALE_1M_PEAK_MIB = 30.0, 3072.0
+SCALE_1M_WALL_S, SCALE_1M_PEAK_MIB, SCALE_1M_CLI_WALL_S = 30.0, 3072.0, 40.0
 INGEST_PEAK_MIB, INGEST_FLOOR_RATIO = 1024.0, 1.5
 SCALE_5M_PEAK_MIB, SCALE_5M_TIME_RATIO = 8192.0, 5.5
 
@@ -233,6 +235,8 @@ def scale_targets(result: dict[str, Any]) -> dict[str, Any]:
         out[key] = {"value": value, "limit": limit, "met": None if value is None else value < limit}
 
     judge("1M_total_wall_s", _total(m1) if m1 else None, SCALE_1M_WALL_S)
+    cli = (m1 or {}).get("cli")
+    judge("1M_cli_wall_s", cli["wall_s"] if cli and cli["ok"] else None, SCALE_1M_CLI_WALL_S)
     judge("1M_peak_mib", _peak(m1) if m1 else None, SCALE_1M_PEAK_MIB)
     for label, size in (("1M", m1), ("5M", m5)):
         judge(f"{label}_ingest_peak_mib", size["ingest"]["peak_rss_mib"] if size else None, INGEST_PEAK_MIB)
@@ -291,6 +295,14 @@ def size_table(size: dict[str, Any]) -> list[list[str]]:
     rows.append(["ingest + learning pass", _fmt(size["ingest"]["wall_s"] + lp["wall_s"]),
                  _fmt(size["ingest"]["cpu_s"] + lp["cpu_s"]),
                  _fmt(max(size["ingest"]["peak_rss_mib"], lp["peak_rss_mib"]), 0), "", ""])
+    cli = size.get("cli")
+    if cli:
+        for name, key in (("CLI: meta-pipeline ingest (process start to exit)", "ingest"),
+                          ("CLI: dagster asset materialize --select group:learning", "materialize")):
+            r = cli[key]
+            rows.append([name + ("" if r["ok"] else f" FAILED (exit {r['returncode']})"), _fmt(r["wall_s"]), "",
+                         _fmt(r["peak_rss_mib"], 0), "", ""])
+        rows.append(["CLI: both commands", _fmt(cli["wall_s"]), "", _fmt(cli["peak_rss_mib"], 0), "", ""])
     return rows
 
 
@@ -1223,6 +1235,9 @@ def bench_size(n_trades: int, work: Path, opts: BenchOptions, progress: Callable
     }
     if opts.dagster:
         size["dagster"] = bench_dagster(db, folder, n_trades, opts, progress)
+    if opts.cli and n_trades <= opts.cli_max_trades and not opts.workers_in_process:
+        _say(progress, f"[{label}] the CLI path: meta-pipeline ingest + dagster asset materialize --select group:learning")
+        size["cli"] = bench_cli(files[DOMAIN], folder / "cli", progress)
     if not opts.keep_data:
         shutil.rmtree(folder / "files", ignore_errors=True)
         _fresh_db(db)
@@ -1297,6 +1312,39 @@ def bench_dagster(db: str, folder: Path, n_trades: int, opts: BenchOptions,
         (folder / "logs" / f"dagster_{len(runs)}.log").write_text(proc.stdout + proc.stderr)
         runs[name] = {"wall_s": wall, "ok": proc.returncode == 0, "returncode": proc.returncode}
     return {"runs": runs, "import_s": import_s}
+
+
+def _run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict[str, Any]:
+    """Run one command as a fresh process: wall time from before its start to its exit, its own peak RSS."""
+    t = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": time.perf_counter() - t, "peak_rss_mib": usage.ru_maxrss / 1024.0,
+            "ok": proc.returncode == 0, "returncode": proc.returncode}
+
+
+def bench_cli(file: str, folder: Path, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """What a user runs, timed from process start: ``meta-pipeline ingest trades FILE --domain D`` into a
+    fresh store and Dagster instance, then ``dagster asset materialize --select group:learning
+    --partition D -m meta_pipeline.definitions`` (the repository's in-process executor)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    home = folder / "dagster_home"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    env = _worker_env()
+    env.update({"DAGSTER_HOME": str(home), "META_PIPELINE_DB_URL": f"sqlite:///{folder / 'cli.db'}"})
+    cli = Path(sys.executable).parent / "meta-pipeline"
+    ingest_cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "meta_pipeline.cli"]
+    ingest = _run_child([*ingest_cmd, "ingest", "trades", file, "--domain", DOMAIN], env, folder,
+                        folder / "ingest.log")
+    learn = _run_child([*_dagster_cli(), "asset", "materialize", "--select", "group:learning", "--partition", DOMAIN,
+                        "-m", "meta_pipeline.definitions"], env, folder, folder / "materialize.log")
+    for name in ("cli.db", "cli.db-wal", "cli.db-shm"):
+        (folder / name).unlink(missing_ok=True)
+    return {"ingest": ingest, "materialize": learn, "wall_s": ingest["wall_s"] + learn["wall_s"],
+            "peak_rss_mib": max(ingest["peak_rss_mib"], learn["peak_rss_mib"]), "ok": ingest["ok"] and learn["ok"]}
 
 
 # -- the fleet ------------------------------------------------------------------------
