@@ -43,6 +43,29 @@ class StoreResource(dg.ConfigurableResource):
         return MetaStore(self.db_url, read_cache=ReadCache())
 
 
+def release_freed_memory() -> None:
+    """Hand memory the previous step freed back to the OS before a large step starts.
+
+    Why: a run's learning steps each build and drop arrays of tens of millions of
+    (lesson, trade) pairs; glibc keeps much of what was freed in its heaps (and the
+    read-ahead thread's arena), and pyarrow's pool keeps its own. On a 5M-trade domain
+    that was ~1 GiB of resident memory between steps, added to every later step's peak.
+    gc first (frames in reference cycles), then arrow's pool, then ``malloc_trim``
+    (glibc only; elsewhere a no-op).
+    """
+    import ctypes
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
+
+
 def partition_domain(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> str:
     """The run's domain partition key, validated before it reaches SQL or a path."""
     return validate_domain(context.partition_key)

@@ -146,8 +146,8 @@ def _factor_id(pattern: str, disambiguate: str | None = None) -> str:
 def compute_latent_factors(
     lessons: pd.DataFrame,
     trades: pd.DataFrame,
-    patterns: pd.DataFrame,
-    scope: pd.DataFrame,
+    patterns: pd.DataFrame | None,
+    scope: pd.DataFrame | None,
     *,
     lesson_trades: pd.DataFrame | None = None,
     **thresholds: float,
@@ -155,8 +155,11 @@ def compute_latent_factors(
     """Factors of stored lessons straight from the source tables (what the asset calls).
 
     ``lesson_trades``: their incidence on ``trades`` when already known (what
-    ``match_lessons(lessons, trades, patterns, scope)`` returns); computed if None.
+    ``match_lessons(lessons, trades, patterns, scope)`` returns); computed if None
+    (then ``patterns`` and ``scope`` are needed; with it they may be None).
     """
     if lesson_trades is None:
+        if patterns is None or scope is None:
+            raise ValueError("patterns and scope are needed when lesson_trades is not given")
         lesson_trades = match_lessons(lessons, trades, patterns, scope)
     return find_latent_factors(lessons, lesson_trades, len(trades), **thresholds)

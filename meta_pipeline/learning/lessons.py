@@ -318,18 +318,26 @@ def mine_lessons(
         incid_lesson.append(new_pos[cand.pair_lesson[pair_keep]] + offset)
         incid_trade.append(cand.pair_trade[pair_keep])
         offset += int(keep.sum())
+        del cand, pair_keep  # the subset's pairs, before the next subset's are built
 
     if not frames:
         return _empty_lessons(), _empty_incidence()
 
     lessons = pd.concat(frames, ignore_index=True)
     li = np.concatenate(incid_lesson)
+    incid_lesson.clear()  # the per-subset pieces: as large as li, not needed again
     ti = np.concatenate(incid_trade)
+    incid_trade.clear()
     n_les = len(lessons)
     n = np.bincount(li, minlength=n_les).astype(float)
     mean = np.bincount(li, y[ti], n_les) / n
-    # two-pass variance: stable for large means
-    ss = np.bincount(li, (y[ti] - mean[li]) ** 2, n_les)
+    # two-pass variance: stable for large means (squared deviations built in place: the
+    # pairs are tens of millions at 5M trades, one pair-long temporary instead of four)
+    dev = y[ti]
+    dev -= mean[li]
+    dev *= dev
+    ss = np.bincount(li, dev, n_les)
+    del dev
     std = np.sqrt(ss / np.maximum(n - 1.0, 1.0))
     se = std / np.sqrt(n)
     first_ns = np.full(n_les, np.iinfo(np.int64).max)
@@ -352,7 +360,14 @@ def mine_lessons(
     lessons = lessons.iloc[order].reset_index(drop=True)[LESSON_COLUMNS]
     # incidence rows are in a deterministic (input-derived) order, not sorted: nothing
     # downstream needs an order, and sorting 10M+ rows would cost more than mining
-    incidence = pd.DataFrame({"lesson_idx": rank[li], "trade_idx": ti.astype(np.int64)})
+    # one (2, pairs) block filled in place and handed to pandas as is: a frame built from two
+    # columns would stack them into a new block, a copy of both while they are alive
+    block = np.empty((2, li.size), dtype=np.int64)
+    np.take(rank, li, out=block[0])
+    del li
+    block[1] = ti
+    del ti
+    incidence = pd.DataFrame(block.T, columns=["lesson_idx", "trade_idx"], copy=False)
     return lessons, incidence
 
 
@@ -480,11 +495,17 @@ def edge_history(
             m = pair_subset == s_idx
             y_pair[m] = y[ti[m]] - base[ti[m]]
 
-    cell = li * n_b + b_code[ti]
+    cell = li * n_b
+    cell += b_code[ti]
     cells, inv = dense_groups(cell)
+    del cell
     n = np.bincount(inv).astype(float)
     mean = np.bincount(inv, y_pair) / n
-    ss = np.bincount(inv, (y_pair - mean[inv]) ** 2)
+    dev = mean[inv]  # (y_pair − mean)², in place
+    np.subtract(y_pair, dev, out=dev)
+    dev *= dev
+    ss = np.bincount(inv, dev)
+    del dev
     with np.errstate(divide="ignore", invalid="ignore"):
         se = np.where(n >= 2, np.sqrt(ss / np.maximum(n - 1.0, 1.0) / n), np.nan)
     return pd.DataFrame(

@@ -104,7 +104,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,19 +224,26 @@ class _Cells:
     """
 
     def __init__(self, factor: np.ndarray, trade: np.ndarray, rank: np.ndarray, n_trades: int, n_ranks: int) -> None:
-        cell = factor.astype(np.int64) * n_trades + trade
+        cell = factor.astype(np.int64)  # factor·n_trades + trade, in place (pair-long arrays)
+        cell *= n_trades
+        cell += trade
         width = max(n_ranks, 1)
         if cell.size and int(cell.max()) < np.iinfo(np.int64).max // width:
             # one sort gives both: the (cell, rank) order and dense cell ids along it
-            key = cell * width
+            key = cell
+            del cell
+            key *= width
             key += rank
-            self.order = _compact(np.argsort(key))  # keys are unique: a lesson meets a trade once
+            order = np.argsort(key)  # keys are unique: a lesson meets a trade once
+            self.order = _compact(order)
+            del order
+            sorted_cell = key[self.order]
             del key
-            sorted_cell = cell[self.order]
+            sorted_cell //= width  # the cell of each key (rank < width)
             starts = np.ones(sorted_cell.size, dtype=bool)
             starts[1:] = sorted_cell[1:] != sorted_cell[:-1]
             del sorted_cell
-            cell_inv = np.empty(cell.size, dtype=self.order.dtype)
+            cell_inv = np.empty(starts.size, dtype=self.order.dtype)
             cell_inv[self.order] = np.cumsum(starts, dtype=self.order.dtype) - 1
             self.cell_inv = cell_inv
         else:  # a (cell, rank) key that would overflow int64: dense cell ids first
@@ -282,7 +289,7 @@ class _Problem:
         # index arrays are int32 where their range allows (half the memory and bandwidth)
         self.li = lesson_trades["lesson_idx"].to_numpy(np.int64)
         self.ti = lesson_trades["trade_idx"].to_numpy(np.int64)
-        self.pf = _compact(self.factor_code.astype(np.int64)[self.li])
+        self.pf = _compact(self.factor_code.astype(np.int64))[self.li]
         self.prio = _compact(self.prio_of_lesson)[self.li]
         # s = exp(clip(−λ·(t − anchor))), built in place (one pair-sized temporary, not four)
         self.s = t_hours[self.ti]
@@ -347,6 +354,14 @@ def _chi2_logsf(x: np.ndarray, df: np.ndarray | int) -> np.ndarray:
     return out
 
 
+PAIR_CHUNK = 1 << 22  # (lesson, trade) pairs summed at once by the forward step
+
+
+def _pair_chunks(n_pairs: int) -> Iterator[slice]:
+    for lo in range(0, n_pairs, PAIR_CHUNK):
+        yield slice(lo, min(lo + PAIR_CHUNK, n_pairs))
+
+
 def _forward_candidates(
     prob: _Problem, result: dict, cand: np.ndarray, log_p_enter: float, by_regime: bool
 ) -> list[tuple[int, np.ndarray | None]]:
@@ -361,22 +376,39 @@ def _forward_candidates(
     it is the stronger evidence. Ranking by log p-value keeps huge effects comparable.
     """
     n_les, n_reg = prob.n_les, prob.n_regimes
-    li_c, ti_c, s_c = prob.li[cand], prob.ti[cand], prob.s[cand]
     resid = result["resid"]
     sigma2 = result["sigma"] ** 2
-    g = np.bincount(li_c, resid[ti_c] * s_c, n_les)
-    d = np.bincount(li_c, s_c**2, n_les)
+    per_regime = by_regime and n_reg > 1
+    if per_regime:
+        counts = np.maximum(np.bincount(prob.regime, minlength=n_reg), 1)
+        regime_mean = np.bincount(prob.regime, resid, n_reg) / counts
+    # sums over the candidate pairs, a chunk of pairs at a time: the temporaries stay a
+    # chunk long whatever the domain's size
+    g, d = np.zeros(n_les), np.zeros(n_les)
+    gr, dr = (np.zeros(n_les * n_reg), np.zeros(n_les * n_reg)) if per_regime else (None, None)
+    has_pairs = np.zeros(n_les, dtype=bool)
+    for part in _pair_chunks(cand.size):
+        take = cand[part]
+        if not take.any():
+            continue
+        li_c, ti_c, s_c = prob.li[part][take], prob.ti[part][take], prob.s[part][take]
+        r_c = resid[ti_c]
+        s2_c = s_c**2
+        g += np.bincount(li_c, r_c * s_c, n_les)
+        d += np.bincount(li_c, s2_c, n_les)
+        has_pairs |= np.bincount(li_c, minlength=n_les) > 0
+        if per_regime:
+            reg_c = prob.regime[ti_c]
+            key = li_c * n_reg + reg_c
+            gr += np.bincount(key, (r_c - regime_mean[reg_c]) * s_c, n_les * n_reg)
+            dr += np.bincount(key, s2_c, n_les * n_reg)
+        del li_c, ti_c, s_c, r_c, s2_c
     with np.errstate(divide="ignore", invalid="ignore"):
         chi_any = np.where(d > 0, g * g / d, 0.0) / sigma2
     log_p = _chi2_logsf(chi_any, 1)
     regimes_of: dict[int, np.ndarray] = {}
-    if by_regime and n_reg > 1:
-        counts = np.maximum(np.bincount(prob.regime, minlength=n_reg), 1)
-        regime_mean = np.bincount(prob.regime, resid, n_reg) / counts
-        reg_c = prob.regime[ti_c]
-        key = li_c * n_reg + reg_c
-        gr = np.bincount(key, (resid[ti_c] - regime_mean[reg_c]) * s_c, n_les * n_reg).reshape(n_les, n_reg)
-        dr = np.bincount(key, s_c**2, n_les * n_reg).reshape(n_les, n_reg)
+    if per_regime:
+        gr, dr = gr.reshape(n_les, n_reg), dr.reshape(n_les, n_reg)
         with np.errstate(divide="ignore", invalid="ignore"):
             chi_reg = np.where(dr > 0, gr * gr / dr, 0.0).sum(axis=1) / sigma2
             chi_common = np.where(dr.sum(axis=1) > 0, gr.sum(axis=1) ** 2 / dr.sum(axis=1), 0.0) / sigma2
@@ -386,7 +418,6 @@ def _forward_candidates(
         use_reg = (k_reg > 1) & (log_p_het < log_p_enter) & (log_p_reg < log_p)
         log_p = np.where(use_reg, log_p_reg, log_p)
         regimes_of = {int(les): np.flatnonzero(dr[les] > 0) for les in np.flatnonzero(use_reg)}
-    has_pairs = np.bincount(li_c, minlength=n_les) > 0
     ok = np.flatnonzero(has_pairs & (log_p < log_p_enter))
     if ok.size == 0:
         return []
@@ -425,8 +456,8 @@ def _fit_rows(
     fits: pd.DataFrame | None,
     factors: pd.DataFrame | None,
     trades: pd.DataFrame,
-    patterns: pd.DataFrame,
-    scope: pd.DataFrame,
+    patterns: pd.DataFrame | None,
+    scope: pd.DataFrame | None,
     metrics: pd.DataFrame | None,
     *,
     lesson_trades: pd.DataFrame | None = None,
@@ -458,6 +489,8 @@ def _fit_rows(
     # a lesson without a factor stands alone (every lesson feeds exactly one factor)
     lessons.loc[missing, "latent_factor_id"] = "lf-" + lessons.loc[missing, "pattern"].astype(str)
     if lesson_trades is None:
+        if patterns is None or scope is None:
+            raise ValueError("patterns and scope are needed when lesson_trades is not given")
         lesson_trades = match_lessons(lessons, trades, patterns, scope)
     if lesson_trades.empty:
         return _empty_overrides()
@@ -503,10 +536,11 @@ def _fit_rows(
         """Renumber rows 0..n-1 (any-rows first, then regime rows); pair rows and row count."""
         nonlocal any_row, reg_row
         sel_any = np.flatnonzero(any_row >= 0)
-        new_any = np.full(n_les, -1, dtype=np.int64)
+        # int32: pair_rows() gives every (lesson, trade) pair its row, tens of millions at 5M trades
+        new_any = np.full(n_les, -1, dtype=np.int32)
         new_any[sel_any] = np.arange(sel_any.size)
         lr, rr = np.nonzero(reg_row >= 0)
-        new_reg = np.full((n_les, n_reg), -1, dtype=np.int64)
+        new_reg = np.full((n_les, n_reg), -1, dtype=np.int32)
         new_reg[lr, rr] = sel_any.size + np.arange(lr.size)
         any_row, reg_row = new_any, new_reg
         return prob.pair_rows(any_row, reg_row), sel_any.size + lr.size
@@ -539,7 +573,7 @@ def _fit_rows(
     for _ in range(max_rounds):
         changed = False
         # forward: best candidate per factor on the current residual
-        cur_prio = np.full(prob.n_cells, np.iinfo(np.int64).max)
+        cur_prio = np.full(prob.n_cells, np.iinfo(prob.prio.dtype).max, dtype=prob.prio.dtype)
         cur_prio[prob.cell_inv[win]] = prob.prio[win]
         has_row = (any_row >= 0) | (reg_row >= 0).any(axis=1)
         open_factor = selected_per_factor() < topk
@@ -772,8 +806,8 @@ class OverrideModel:
         factors: pd.DataFrame | None,
         regime_weights: pd.DataFrame | None,
         trades: pd.DataFrame,
-        patterns: pd.DataFrame,
-        scope: pd.DataFrame,
+        patterns: pd.DataFrame | None,
+        scope: pd.DataFrame | None,
         metrics: pd.DataFrame | None,
         *,
         knobs: Mapping[str, float],
@@ -787,7 +821,8 @@ class OverrideModel:
         ``factors``: latent_factors rows (lesson_key, latent_factor_id), overriding the
         lessons' column; ``regime_weights``: learning_regime_weights rows (used when
         ``knobs['tier2_enabled']``). ``trades``/``patterns``/``scope``/``metrics``: the
-        training trades' source tables. ``knobs``: tau, g_min, lambda_ci, tier2_enabled,
+        training trades' source tables (``patterns``/``scope`` may be None when the
+        ``lesson_trades`` option gives the lessons' incidence). ``knobs``: tau, g_min, lambda_ci, tier2_enabled,
         tier3_topk. ``now``: None applies :meth:`now_of` to ``trades``. ``options``:
         ``lesson_trades`` (the incidence, computed if None), ``use_decay=False``
         (ignore the fitted half-lives: the comparison baseline), ``regime_split``,
@@ -908,8 +943,8 @@ def materialize_overrides(
     factors: pd.DataFrame | None,
     regime_weights: pd.DataFrame | None,
     trades: pd.DataFrame,
-    patterns: pd.DataFrame,
-    scope: pd.DataFrame,
+    patterns: pd.DataFrame | None,
+    scope: pd.DataFrame | None,
     metrics: pd.DataFrame | None,
     *,
     knobs: Mapping[str, float],
@@ -926,8 +961,8 @@ def predict(
     overrides: pd.DataFrame,
     regime_weights: pd.DataFrame | None,
     trades: pd.DataFrame,
-    patterns: pd.DataFrame,
-    scope: pd.DataFrame,
+    patterns: pd.DataFrame | None,
+    scope: pd.DataFrame | None,
     metrics: pd.DataFrame | None,
     *,
     tier2_enabled: bool = True,

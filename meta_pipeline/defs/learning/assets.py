@@ -35,7 +35,14 @@ from meta_pipeline.learning import halflife as halflife_core
 from meta_pipeline.learning import lessons as lessons_core
 from meta_pipeline.learning import overrides as overrides_core
 from meta_pipeline.learning import regime as regime_core
-from meta_pipeline.defs.resources import StoreParam, domain_partitions, partition_domain, plot_metadata, table_preview
+from meta_pipeline.defs.resources import (
+    StoreParam,
+    domain_partitions,
+    partition_domain,
+    plot_metadata,
+    release_freed_memory,
+    table_preview,
+)
 
 GROUP = "learning"
 # what the learning cores use of a trade (strategy_id is the diagnostics' business: not read here)
@@ -147,36 +154,39 @@ def _incidence_key(store: StoreParam, domain: str, lessons: pd.DataFrame, source
     return ("lesson_incidence", domain, source, len(lessons), digest)
 
 
-def _incidence(store: StoreParam, domain: str, source: tuple, lessons: pd.DataFrame, trades: pd.DataFrame,
-               patterns: pd.DataFrame, scope: pd.DataFrame) -> pd.DataFrame:
-    """The incidence of the stored lessons on the trades, once per run.
-
-    ``lessons`` mines it and offers it to the run (store.remember); edge_history,
-    latent_factors and pm_overrides, which each used to re-match the lessons on
-    millions of pattern/scope rows, take it from there. Outside a run, or when the
-    lessons or the source rows differ from what was mined, it is computed here.
-    """
-    return store.run_memo(_incidence_key(store, domain, lessons, source),
-                          lambda: lessons_core.match_lessons(lessons, trades, patterns, scope))
-
-
 class _LessonInputs(NamedTuple):
-    """What the assets downstream of ``lessons`` start from: the stored lessons, the source rows, their incidence."""
+    """What the assets downstream of ``lessons`` start from: the stored lessons, the trades, the source
+    tables the asset asked for (None: not read), and the lessons' incidence on the trades."""
 
     lessons: pd.DataFrame
     trades: pd.DataFrame
-    patterns: pd.DataFrame
-    scope: pd.DataFrame
+    patterns: pd.DataFrame | None
+    scope: pd.DataFrame | None
     incidence: pd.DataFrame
 
 
-def _read_lesson_inputs(store: StoreParam, domain: str, window: _Window) -> _LessonInputs:
+def _read_lesson_inputs(store: StoreParam, domain: str, window: _Window, *tables: str) -> _LessonInputs:
+    """The stored lessons, the trades, the source ``tables`` the caller itself needs, and the incidence.
+
+    The incidence comes once per run: ``lessons`` mines it and offers it to the run
+    (store.remember); edge_history, latent_factors and pm_overrides, which each used to
+    re-match the lessons on millions of pattern/scope rows, take it from there. Only
+    outside a run, or when the lessons or the source rows differ from what was mined,
+    are patterns and scope read to match them here. Why not always read them: at 5M
+    trades they are ~1 GiB that the run's cache may have let go, read again for nothing.
+    """
     source_rows = (store.source_version(domain), *window.key)  # before the reads it describes
     stored_lessons = store.read("learning_lessons", domain=domain)
     trades = _read_trades(store, domain, window)
-    patterns, scope = _read_source(store, domain, window, "trade_patterns", "trade_scope")
-    incidence = _incidence(store, domain, source_rows, stored_lessons, trades, patterns, scope)
-    return _LessonInputs(stored_lessons, trades, patterns, scope, incidence)
+    frames = dict(zip(tables, _read_source(store, domain, window, *tables)))
+
+    def match() -> pd.DataFrame:
+        missing = [t for t in ("trade_patterns", "trade_scope") if t not in frames]
+        frames.update(zip(missing, _read_source(store, domain, window, *missing)))
+        return lessons_core.match_lessons(stored_lessons, trades, frames["trade_patterns"], frames["trade_scope"])
+
+    incidence = store.run_memo(_incidence_key(store, domain, stored_lessons, source_rows), match)
+    return _LessonInputs(stored_lessons, trades, frames.get("trade_patterns"), frames.get("trade_scope"), incidence)
 
 
 def _stored(df: pd.DataFrame, table_columns: list[str]) -> pd.DataFrame:
@@ -211,6 +221,7 @@ LESSON_TABLE_COLUMNS = [c for c in lessons_core.LESSON_COLUMNS]
     ),
 )
 def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
     knobs = store.knobs_in_effect(domain)  # read once per run: pm_overrides of this run sees the same
     window = _window(store, domain, _run_as_of(context))
@@ -265,8 +276,9 @@ def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.Material
     ),
 )
 def edge_history(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
-    given = _read_lesson_inputs(store, domain, _window(store, domain, _run_as_of(context)))
+    given = _read_lesson_inputs(store, domain, _window(store, domain, _run_as_of(context)), "trade_scope")
     history = lessons_core.compute_edge_history(given.lessons, given.trades, given.patterns, given.scope,
                                                 lesson_trades=given.incidence)
     written = store.replace_partition("learning_edge_history", domain, _stored(history, lessons_core.EDGE_HISTORY_COLUMNS))
@@ -325,6 +337,7 @@ def _decay_figure(history: pd.DataFrame, fits: pd.DataFrame, domain: str, n_top:
     ),
 )
 def half_life_fits(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
     history = store.read("learning_edge_history", domain=domain)
     fits = halflife_core.fit_half_lives(history)
@@ -379,6 +392,7 @@ def _factor_figure(factors: pd.DataFrame, domain: str, n_top: int = 25) -> Figur
     ),
 )
 def latent_factors(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
     given = _read_lesson_inputs(store, domain, _window(store, domain, _run_as_of(context)))
     factors = factors_core.compute_latent_factors(given.lessons, given.trades, given.patterns, given.scope,
@@ -435,6 +449,7 @@ def _weights_figure(weights: pd.DataFrame, domain: str) -> Figure:
     ),
 )
 def regime_weights(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
     window = _window(store, domain, _run_as_of(context))
     trades = _read_trades(store, domain, window)
@@ -491,6 +506,7 @@ def _overrides_figure(overrides: pd.DataFrame, domain: str, n_top: int = 30) -> 
     ),
 )
 def pm_overrides(context: dg.AssetExecutionContext, store: StoreParam) -> dg.MaterializeResult:
+    release_freed_memory()  # what the run's previous step dropped: not part of this one's peak
     domain = partition_domain(context)
     knobs = store.knobs_in_effect(domain)
     window = _window(store, domain, _run_as_of(context))
