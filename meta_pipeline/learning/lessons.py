@@ -482,7 +482,7 @@ def edge_history(
         value_codes, value_names = _scope_codes(trades, scope)
         subset_of_lesson = [tuple(sorted(json.loads(js))) for js in lessons["scope_json"]]
         subset_codes, subsets = pd.factorize(pd.Series(subset_of_lesson, dtype=object))
-        pair_subset = subset_codes[li]
+        pair_subset = subset_codes.astype(np.int32)[li]  # per pair (tens of millions): 4 bytes, not 8
         y_pair = np.full(li.size, np.nan)
         for s_idx, keys in enumerate(subsets):  # the handful of scope-key subsets
             combo, _, n_combos = _combo_of_trades(tuple(keys), value_codes, value_names, n_trades)
@@ -493,10 +493,13 @@ def edge_history(
             base = np.full(n_trades, np.nan)
             base[has] = cell_sum[cell] / cell_n[cell]
             m = pair_subset == s_idx
-            y_pair[m] = y[ti[m]] - base[ti[m]]
+            t_m = ti[m]
+            y_pair[m] = y[t_m] - base[t_m]
+            del t_m, m
+        del pair_subset
 
     cell = li * n_b
-    cell += b_code[ti]
+    cell += b_code.astype(np.int32)[ti]
     cells, inv = dense_groups(cell)
     del cell
     n = np.bincount(inv).astype(float)

@@ -73,6 +73,12 @@ class ReadCache:
                 _, (_, sz) = self._frames.popitem(last=False)
                 total -= sz
 
+    def discard(self, query: tuple) -> None:
+        """Drop the frames of ``query`` (every version): a caller that knows the run will not read it again."""
+        with self._lock:
+            for k in [k for k in self._frames if k[1:] == query]:
+                del self._frames[k]
+
     def launch(self, queries: list[tuple], work: Callable[[Callable[[tuple], None]], None]) -> None:
         """Run `work(done)` on a background thread: it reads `queries` into this cache in order, calling done(query) after each.
 

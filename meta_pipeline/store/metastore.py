@@ -205,6 +205,13 @@ class MetaStore:
         path = self._sqlite_file
         return None if path is None else arrow_select(path, query, first, SQLITE_BUSY_TIMEOUT_MS)
 
+    def forget(self, table_name: str, domain: str | None = None, columns: Sequence[str] | None = None) -> None:
+        """Drop this read from the run's cache (read()'s arguments): what the run will not read again
+        leaves room for what it will, so a large domain's frames are not evicted and read twice."""
+        cache = self._read_cache
+        if cache is not None:
+            cache.discard(_cache_key(_select(table_name, domain, columns, None, None, None, self.dialect)))
+
     def prefetch(self, reads: Sequence[dict[str, Any]]) -> None:
         """Start reading source-table slices into the run's cache on a background thread, one after the other.
 

@@ -229,6 +229,9 @@ def lessons(context: dg.AssetExecutionContext, store: StoreParam) -> dg.Material
     _prefetch_source(store, domain, "trade_scope")  # two readers overlap a little (SQLite's C work frees the GIL)
     trades = _read_trades(store, domain, window)
     patterns, scope = _read_source(store, domain, window, "trade_patterns", "trade_scope")
+    # after this step the incidence stands for the pattern rows (a drift window re-reads them): out of the
+    # run's cache before the metrics land in it, so at 5M trades trades and scope are not evicted and read twice
+    store.forget("trade_patterns", domain, SOURCE_COLUMNS["trade_patterns"])
     _prefetch_source(store, domain, "trade_metrics")  # regime_weights' and pm_overrides' input, during the mining
     mining = lessons_core.mining_settings(store.active_config("PM_OVERRIDES", domain))  # an applied PM_OVERRIDES config
     mined, incidence = lessons_core.mine_lessons(trades, patterns, scope, lambda_ci=float(knobs.values["lambda_ci"]),
@@ -454,7 +457,7 @@ def regime_weights(context: dg.AssetExecutionContext, store: StoreParam) -> dg.M
     window = _window(store, domain, _run_as_of(context))
     trades = _read_trades(store, domain, window)
     (metrics,) = _read_source(store, domain, window, "trade_metrics")
-    _prefetch_source(store, domain, "trade_patterns", "trade_scope")  # the other assets' input (if not read yet)
+    _prefetch_source(store, domain, "trade_scope")  # edge_history's input (if not in the cache)
     weights = regime_core.fit_regime_weights(trades, metrics)
     written = store.replace_partition("learning_regime_weights", domain, weights)
     metadata = {
