@@ -135,7 +135,6 @@ def _pattern_rows(domain: str, values: list[str]) -> pd.DataFrame:
 def test_text_reads_in_one_blob_equal_row_by_row_and_fall_back_on_separators(store: MetaStore, monkeypatch) -> None:
     import meta_pipeline.store.frames as store_mod
 
-    monkeypatch.setenv(store_mod.ARROW_READS_ENV, "0")  # the reader used where the Arrow reader is off
     clean = ["F0.buy_flag", "", "é ünïcode", "tab\there", "x" * 200] * 40
     dirty = ["a\x1fb", "line\nbreak", "cr\rhere", "\x1f\n"] + clean[:6]
     store.replace_partition("trade_patterns", "clean", _pattern_rows("clean", clean))
@@ -154,41 +153,6 @@ def test_text_reads_in_one_blob_equal_row_by_row_and_fall_back_on_separators(sto
     assert sorted(zip(got["trade_id"], got["pattern"])) == sorted(zip([f"t{i}" for i in range(len(dirty))], dirty))
 
     assert store.read("trade_patterns", domain="nobody", columns=["trade_id", "pattern"]).empty
-
-
-def test_arrow_reads_equal_row_by_row_reads(store: MetaStore, monkeypatch) -> None:
-    """The Arrow reader (ADBC) gives exactly the row reader's frames, or steps aside."""
-    import meta_pipeline.store.frames as store_mod
-
-    values = ["a\x1fb", "line\nbreak", "", "é ünïcode", "x" * 300, "F0.buy_flag"] * 30
-    store.replace_partition("trade_patterns", "d", _pattern_rows("d", values))
-    closed = pd.date_range("2026-01-01", periods=7, freq="37min", tz="UTC") + pd.to_timedelta(np.arange(7), unit="us")
-    store.replace_partition("trades", "d", pd.DataFrame({
-        "trade_id": [f"t{i}" for i in range(7)], "closed_at": closed[::-1], "regime": "R", "strategy_id": "s",
-        "return_r": [0.5, -1.0, 2, 0.0, 1e-300, -3.25, 7], "source_file": "f",
-        "ingested_at": pd.Timestamp("2026-02-01", tz="UTC")}))
-    reads = [("trade_patterns", {"columns": ["trade_id", "pattern"]}),
-             ("trades", {"columns": ["trade_id", "closed_at", "regime", "return_r"], "order_by": "closed_at, trade_id"}),
-             ("trades", {"columns": ["return_r", "trade_id"], "after": {"closed_at": closed[3]}}),
-             ("trades", {}),  # nullable columns among them: the row reader answers
-             ("trade_patterns", {"equals": {"pattern": "nobody"}})]  # empty: the row reader answers
-    served = []
-    real = store_mod.arrow_select
-    monkeypatch.setattr("meta_pipeline.store.metastore.arrow_select",
-                        lambda *a, **k: (lambda r: served.append(r is not None) or r)(real(*a, **k)))
-    arrow = [store.read(name, domain="d", **kw) for name, kw in reads]
-    assert served == [True, True, True, False, False]
-    monkeypatch.setenv(store_mod.ARROW_READS_ENV, "0")
-    rows = [store.read(name, domain="d", **kw) for name, kw in reads]
-    for (name, kw), a, r in zip(reads, arrow, rows):
-        if not kw.get("order_by"):
-            a, r = (f.sort_values(list(f.columns)).reset_index(drop=True) for f in (a, r))
-        pd.testing.assert_frame_equal(a, r, check_exact=True)
-    assert arrow[1]["closed_at"].tolist() == sorted(closed.tolist())
-    with store.cached_reads():  # the run cache: the Arrow read's key is read in the same snapshot
-        first = store.read("trade_patterns", domain="d", columns=["trade_id", "pattern"])
-        again = store.read("trade_patterns", domain="d", columns=["trade_id", "pattern"])
-        assert store.read_cache.hits == 1 and len(first) == len(again) == len(values)
 
 
 def test_long_source_tables_are_keyed_by_trade_and_name(any_store: MetaStore) -> None:

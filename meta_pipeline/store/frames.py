@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -12,7 +10,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from sqlalchemy import Boolean, DateTime, Float, Integer, String, text
 from sqlalchemy.engine import Connection
@@ -21,11 +18,6 @@ from sqlalchemy.exc import OperationalError
 
 from meta_pipeline.contracts import Table, table, validate_domain
 from meta_pipeline.store.engine import mark_written
-
-try:  # SQLite rows straight into Arrow columns, in C (see arrow_select)
-    import adbc_driver_sqlite.dbapi as _adbc_sqlite
-except ImportError:  # pragma: no cover - a declared dependency; the row-by-row reader still works
-    _adbc_sqlite = None
 
 
 def _q(name: str) -> str:
@@ -40,8 +32,6 @@ class _Select(NamedTuple):
     bind: dict[str, Any]
     columns: list[str]
     ordered: bool  # has an ORDER BY: the row order is part of the answer
-    order: tuple[str, ...] = ()  # its columns, ascending
-    unordered_sql: str = ""  # the statement without its ORDER BY
 
 
 def _bind_value(column: Any, value: Any, dialect: str) -> Any:
@@ -90,10 +80,9 @@ def _select(table_name: str, domain: str | None, columns: Sequence[str] | None,
     sql = f'SELECT {", ".join(_q(c) for c in cols)} FROM {_q(tbl.name)}'
     if clauses:
         sql += " WHERE " + " AND ".join(clauses)
-    unordered = sql
     if order:
         sql += " ORDER BY " + ", ".join(_q(n) for n in order)
-    return _Select(tbl, sql, bind, cols, bool(order), tuple(order), unordered)
+    return _Select(tbl, sql, bind, cols, bool(order))
 
 
 def _statement_frame(conn: Connection, stmt: Any, tbl: Table) -> pd.DataFrame:
@@ -215,25 +204,6 @@ def _rows_to_frame(rows: list, columns: list[str]) -> pd.DataFrame:
 _TEXT_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)  # what read_sql_query gives text columns
 
 
-def _not_null_kinds(tbl: Table, columns: Sequence[str]) -> list[str] | None:
-    """"text" / "float" per column when every column is NOT NULL text, time (SQLite keeps
-    times as text) or float and named once; else None (the general path)."""
-    if not columns or len(set(columns)) != len(columns):
-        return None
-    kinds = []
-    for name in columns:
-        col = tbl.c.get(name)
-        if col is None or col.nullable:
-            return None
-        if isinstance(col.type, Float):
-            kinds.append("float")
-        elif isinstance(col.type, (DateTime, String)):
-            kinds.append("text")
-        else:
-            return None
-    return kinds
-
-
 def _not_null_rows_to_frame(rows: list, columns: list[str], tbl: Table) -> pd.DataFrame | None:
     """The same frame as _rows_to_frame, built column-wise through pyarrow, for NOT NULL text/float/time columns.
 
@@ -243,9 +213,19 @@ def _not_null_rows_to_frame(rows: list, columns: list[str], tbl: Table) -> pd.Da
     column types, empty results, a value that is not what the schema says): None, and
     the caller takes pandas' path.
     """
-    kinds = _not_null_kinds(tbl, columns)
-    if not rows or kinds is None:
+    if not rows or len(set(columns)) != len(columns):
         return None
+    kinds = []
+    for name in columns:
+        col = tbl.c.get(name)
+        if col is None or col.nullable:
+            return None
+        if isinstance(col.type, Float):
+            kinds.append("float")
+        elif isinstance(col.type, (DateTime, String)):  # SQLite keeps times as text
+            kinds.append("text")
+        else:
+            return None
     try:
         from pandas._libs import lib
 
@@ -263,94 +243,6 @@ def _not_null_rows_to_frame(rows: list, columns: list[str], tbl: Table) -> pd.Da
     except (ImportError, pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         return None
     return pd.DataFrame(data, columns=columns)
-
-
-ARROW_READS_ENV = "META_PIPELINE_ARROW_READS"  # "0": every read row by row (the readers are compared in tests)
-_NAMED_PARAM = re.compile(r":(\w+)")
-
-
-def arrow_reads_enabled() -> bool:
-    return _adbc_sqlite is not None and os.environ.get(ARROW_READS_ENV, "1").strip() != "0"
-
-
-def _positional(sql: str, bind: Mapping[str, Any]) -> tuple[str, tuple]:
-    """``:name`` parameters (what _select writes) as SQLite's ``?``, values in their order of appearance."""
-    return _NAMED_PARAM.sub("?", sql), tuple(bind[name] for name in _NAMED_PARAM.findall(sql))
-
-
-def arrow_select(path: str, query: _Select, first: tuple[str, Mapping[str, Any]] | None = None,
-                 busy_timeout_ms: int = 60_000) -> tuple[pd.DataFrame, Any] | None:
-    """A read() of NOT NULL text/time/float columns from a SQLite file, through ADBC's SQLite driver.
-
-    Why: the driver steps SQLite and builds Arrow columns in C, with no Python object per
-    cell; the row-by-row reader builds a tuple per row and an object per cell (a 1M-trade
-    domain's four source tables: ~3 s instead of ~15 s). ``first``: a scalar query run in
-    the same read transaction before the rows (the read cache's version key), returned
-    beside the frame. The frame is typed exactly like the row reader's (text as arrow
-    strings, times parsed, floats as float64), which the tests assert column by column.
-    None — and the caller reads row by row — when the columns are not of those kinds,
-    the result is empty (an empty result's types are the driver's guess), a value is NULL
-    or of another type than the schema says, or the driver fails in any way.
-    """
-    kinds = _not_null_kinds(query.tbl, query.columns)
-    if kinds is None or not arrow_reads_enabled():
-        return None
-    try:
-        conn = _adbc_sqlite.connect(path, autocommit=True)
-    except Exception:  # noqa: BLE001 - any driver failure: the row reader answers (and reports)
-        return None
-    try:
-        cur = conn.cursor()
-        try:
-            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cur.fetchall()
-            cur.execute("BEGIN")  # one snapshot for `first` and the rows
-            try:
-                scalar = None
-                if first is not None:
-                    sql, params = _positional(*first)
-                    cur.execute(sql, params or None)
-                    scalar = cur.fetchone()[0]
-                # ORDER BY columns among the returned ones: a scan in storage order, sorted by arrow
-                # (text bytewise, as SQLite's BINARY collation; stable: ties keep storage order, which
-                # ORDER BY leaves unspecified). Why: at 5M trades, ORDER BY closed_at walks the index and
-                # fetches each row from elsewhere in the table (7 s); the scan and a sort take ~4 s.
-                sort_here = query.ordered and set(query.order) <= set(query.columns)
-                sql, params = _positional(query.unordered_sql if sort_here else query.sql, query.bind)
-                cur.execute(sql, params or None)
-                data = cur.fetch_arrow_table()
-            finally:
-                cur.execute("COMMIT")
-        finally:
-            cur.close()
-    except Exception:  # noqa: BLE001
-        return None
-    finally:
-        conn.close()
-    if sort_here and data.num_rows > 1:
-        try:
-            data = data.take(pc.sort_indices(data, sort_keys=[(name, "ascending") for name in query.order]))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            return None
-    frame = _arrow_frame(data, query.columns, kinds)
-    return None if frame is None else (_typed(frame, query.tbl), scalar)
-
-
-def _arrow_frame(data: pa.Table, columns: Sequence[str], kinds: Sequence[str]) -> pd.DataFrame | None:
-    if data.num_rows == 0 or data.column_names != list(columns):
-        return None
-    out: dict[str, Any] = {}
-    for name, kind in zip(columns, kinds):
-        col = data.column(name)
-        if col.null_count:
-            return None
-        if kind == "text" and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            out[name] = pd.array(col, dtype=_TEXT_DTYPE)
-        elif kind == "float" and (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
-            out[name] = col.to_numpy().astype(np.float64, copy=False)
-        else:
-            return None
-    return pd.DataFrame(out, columns=list(columns))
 
 
 def _typed(df: pd.DataFrame, tbl: Table) -> pd.DataFrame:

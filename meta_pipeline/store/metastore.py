@@ -34,15 +34,8 @@ from meta_pipeline.contracts import APPEND_ONLY_TABLES, table, validate_domain
 from meta_pipeline.knobs import KNOB_NAMES, KnobsInEffect, clip_knobs, knobs_in_effect_rule, parse_knobs
 from meta_pipeline.paths import default_db_url
 from meta_pipeline.store.cache import _MISSING, CACHEABLE_TABLES, ReadCache
-from meta_pipeline.store.engine import (
-    _WRITTEN_KEY,
-    SQLITE_BUSY_TIMEOUT_MS,
-    _bump,
-    get_engine,
-    mark_written,
-    table_generation,
-)
-from meta_pipeline.store.frames import _cache_key, _select, _Select, _select_frame, arrow_select, insert_frame
+from meta_pipeline.store.engine import _WRITTEN_KEY, _bump, get_engine, mark_written, table_generation
+from meta_pipeline.store.frames import _cache_key, _select, _Select, _select_frame, insert_frame
 
 STAGED_KEYS = "meta_pipeline_staged_keys"  # a temporary table: this connection's own, gone with it
 
@@ -159,9 +152,6 @@ class MetaStore:
         cache = self._read_cache if conn is None and query.tbl.name in CACHEABLE_TABLES else None
         if cache is None:
             if conn is None:
-                fast = self._arrow_select(query)
-                if fast is not None:
-                    return fast[0]
                 with self.read_conn() as c:
                     return _select_frame(c, query)
             return _select_frame(conn, query)
@@ -170,18 +160,6 @@ class MetaStore:
         return self._cached_read(cache, domain, query)
 
     def _cached_read(self, cache: ReadCache, domain: str | None, query: _Select) -> pd.DataFrame:
-        if self._sqlite_file is not None:
-            with self.read_conn() as c:  # a hit costs one scalar query; a miss re-reads key and rows together
-                key = (self._source_version(c, query.tbl.name, domain), *_cache_key(query))
-            found = cache.get(key)
-            if found is not None:
-                return found
-            sql, bind = self._newest_batch_sql(domain)
-            fast = self._arrow_select(query, first=(sql, bind))
-            if fast is not None:
-                frame, newest = fast
-                cache.put((self._version_tuple(query.tbl.name, newest), *_cache_key(query)), frame)
-                return frame.copy(deep=False)
         with self.read_conn() as c, c.begin():  # one snapshot for the key and the rows (SQLite)
             key = (self._source_version(c, query.tbl.name, domain), *_cache_key(query))
             found = cache.get(key)
@@ -190,20 +168,6 @@ class MetaStore:
             frame = _select_frame(c, query)
         cache.put(key, frame)
         return frame.copy(deep=False)
-
-    @property
-    def _sqlite_file(self) -> str | None:
-        """The database file when the store is SQLite on a file (the Arrow reader opens it by path)."""
-        url = self.engine.url
-        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" \
-                or url.database.startswith("file:"):
-            return None
-        return url.database
-
-    def _arrow_select(self, query: _Select, first: tuple[str, dict[str, Any]] | None = None
-                      ) -> tuple[pd.DataFrame, Any] | None:
-        path = self._sqlite_file
-        return None if path is None else arrow_select(path, query, first, SQLITE_BUSY_TIMEOUT_MS)
 
     def forget(self, table_name: str, domain: str | None = None, columns: Sequence[str] | None = None) -> None:
         """Drop this read from the run's cache (read()'s arguments): what the run will not read again
@@ -276,17 +240,13 @@ class MetaStore:
 
     def _source_version(self, conn: Connection, table_name: str, domain: str | None) -> tuple:
         """What must be unchanged for a cached read of a source table to still be right."""
-        sql, bind = self._newest_batch_sql(domain)
-        return self._version_tuple(table_name, conn.execute(text(sql), bind).scalar())
-
-    @staticmethod
-    def _newest_batch_sql(domain: str | None) -> tuple[str, dict[str, Any]]:
         if domain is None:
-            return "SELECT MAX(id) FROM ingest_batches", {}
-        return "SELECT MAX(id) FROM ingest_batches WHERE domain = :d", {"d": domain}
-
-    def _version_tuple(self, table_name: str, newest_batch: Any) -> tuple:
-        return (self.db_url, table_name, newest_batch, table_generation(self.db_url, table_name))
+            newest = conn.execute(text("SELECT MAX(id) FROM ingest_batches")).scalar()
+        else:
+            newest = conn.execute(
+                text("SELECT MAX(id) FROM ingest_batches WHERE domain = :d"), {"d": domain}
+            ).scalar()
+        return (self.db_url, table_name, newest, table_generation(self.db_url, table_name))
 
     def domains(self, table_name: str = "trades") -> list[str]:
         tbl = table(table_name)
