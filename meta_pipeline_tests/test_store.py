@@ -169,3 +169,26 @@ def test_nullable_integer_columns_insert_as_integers_on_both_databases(any_store
     any_store.replace_partition("diagnostics", "d", rows)
     got = any_store.read("diagnostics", domain="d", order_by="subject")
     assert got["n"].tolist()[0] == 5117 and pd.isna(got["n"].tolist()[1])
+
+
+def test_not_null_reads_in_chunks_equal_one_fetch_and_fall_back_on_a_refused_chunk(store: MetaStore, monkeypatch) -> None:
+    """The NOT NULL fast path converts FETCH_CHUNK_ROWS rows at a time (bounded tuple memory): the same
+    frame as one fetch; a chunk it refuses (a text value in a float column, which SQLite keeps) sends the
+    whole read down the general path, nothing lost."""
+    import sqlite3
+
+    import meta_pipeline.store.frames as store_mod
+
+    rows = pd.DataFrame({"trade_id": [f"t{i}" for i in range(10)], "metric": "m", "value": np.arange(10) / 3})
+    store.replace_partition("trade_metrics", "d", rows)
+    cols = ["trade_id", "metric", "value"]
+    whole = store.read("trade_metrics", domain="d", columns=cols)
+    monkeypatch.setattr(store_mod, "FETCH_CHUNK_ROWS", 3)
+    chunked = store.read("trade_metrics", domain="d", columns=cols)
+    pd.testing.assert_frame_equal(chunked, whole, check_exact=True)
+    con = sqlite3.connect(store.engine.url.database)
+    con.execute("INSERT INTO trade_metrics (domain, trade_id, metric, value) VALUES ('d', 'z9', 'm', 'oops')")
+    con.commit()
+    con.close()
+    general = store.read("trade_metrics", domain="d", columns=cols)
+    assert len(general) == 11 and general["value"].isna().sum() == 1  # read, not dropped; the text is no number
