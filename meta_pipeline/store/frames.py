@@ -181,7 +181,7 @@ def _query_frame(conn: Connection, sql: str, bind: dict[str, Any], tbl: Table | 
     try:
         columns = list(result.keys())
         direct = type(result.cursor_strategy) is CursorFetchStrategy and result.cursor is not None
-        if direct and tbl is not None and conn.dialect.name == "sqlite" and _not_null_kinds(tbl, columns):
+        if direct and tbl is not None and conn.dialect.name == "sqlite" and _not_null_kinds(tbl, columns) is not None:
             chunked = _not_null_frame_in_chunks(result.cursor, columns, tbl)
             if chunked is not None:
                 return chunked
@@ -236,16 +236,23 @@ def _rows_to_frame(rows: list, columns: list[str]) -> pd.DataFrame:
 _TEXT_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)  # what read_sql_query gives text columns
 
 
-def _not_null_kinds(tbl: Table, columns: Sequence[str]) -> bool:
-    """Every column NOT NULL text, time (SQLite keeps times as text) or float, each named once:
-    what _not_null_rows_to_frame converts column-wise."""
+def _not_null_kinds(tbl: Table, columns: Sequence[str]) -> list[str] | None:
+    """"text" or "float" per column when every column is NOT NULL text, time (SQLite keeps
+    times as text) or float and named once: what _not_null_rows_to_frame converts; else None."""
     if not columns or len(set(columns)) != len(columns):
-        return False
+        return None
+    kinds = []
     for name in columns:
         col = tbl.c.get(name)
-        if col is None or col.nullable or not isinstance(col.type, (Float, DateTime, String)):
-            return False
-    return True
+        if col is None or col.nullable:
+            return None
+        if isinstance(col.type, Float):
+            kinds.append("float")
+        elif isinstance(col.type, (DateTime, String)):
+            kinds.append("text")
+        else:
+            return None
+    return kinds
 
 
 def _not_null_rows_to_frame(rows: list, columns: list[str], tbl: Table) -> pd.DataFrame | None:
@@ -257,19 +264,9 @@ def _not_null_rows_to_frame(rows: list, columns: list[str], tbl: Table) -> pd.Da
     column types, empty results, a value that is not what the schema says): None, and
     the caller takes pandas' path.
     """
-    if not rows or len(set(columns)) != len(columns):
+    kinds = _not_null_kinds(tbl, columns)
+    if not rows or kinds is None:
         return None
-    kinds = []
-    for name in columns:
-        col = tbl.c.get(name)
-        if col is None or col.nullable:
-            return None
-        if isinstance(col.type, Float):
-            kinds.append("float")
-        elif isinstance(col.type, (DateTime, String)):  # SQLite keeps times as text
-            kinds.append("text")
-        else:
-            return None
     try:
         from pandas._libs import lib
 
